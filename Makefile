@@ -1,0 +1,31 @@
+# make serve: serve the default example on 127.0.0.1:8000 (creates .venv and installs if missing)
+# make test:  run the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install serve test lint format clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+serve: install
+	@test -f schema.yaml || $(PY) generate.py copy_server_files examples/mouse_and_cheese
+	$(VENV)/bin/uvicorn app:app --host $(HOST) --port $(PORT)
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .

@@ -1,0 +1,114 @@
+"""The `python generate.py COMMAND` commands (made into a CLI by `fire`)."""
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from policy_server.errors import ConfigError
+from policy_server.loading import SCHEMA_FILE, load_policy, load_policy_spec
+from policy_server.observations import RowEncoder, example_observation, observation_model
+from policy_server.policy import Kind, Task
+from policy_server.runtimes import MODEL_SUFFIXES
+from policy_server.settings import Settings
+
+GENERATED = ("clients", "openapi.json")
+
+
+class Commands:
+    """Policy Server: serve a trained RL policy from schema.yaml + models/ as a REST API."""
+
+    def copy_server_files(self, source: str, target: str = ".") -> None:
+        """Put an example's (or any policy folder's) schema.yaml and model in place to be served.
+
+        Args:
+            source: a folder with schema.yaml and models/, e.g. examples/mouse_and_cheese
+            target: where to put them (default: here, which `make serve` serves)
+        """
+        src, dst = Path(source), Path(target)
+        if not (src / "models").is_dir():
+            _fail(f"{src}: no models/ folder; fix: name a folder holding schema.yaml and models/ (e.g. examples/mouse_and_cheese)")
+        _remove_policy_files(dst)
+        (dst / "models").mkdir(parents=True, exist_ok=True)
+        for model in (src / "models").iterdir():
+            if model.suffix in MODEL_SUFFIXES:
+                shutil.copy2(model, dst / "models" / model.name)
+        if (src / SCHEMA_FILE).is_file():
+            shutil.copy2(src / SCHEMA_FILE, dst / SCHEMA_FILE)
+        print(f"copied {src}'s schema.yaml and models/ to {dst.resolve()}")
+
+    def clean(self, target: str = ".") -> None:
+        """Remove the served policy (schema.yaml, models/) and generated files (clients/, openapi.json)."""
+        root = Path(target)
+        _remove_policy_files(root)
+        for name in GENERATED:
+            path = root / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        print(f"removed the policy files and generated files from {root.resolve()}")
+
+    def validate(self, directory: str = ".") -> None:
+        """Check a policy folder as the server would; print its input size, heads and model format.
+
+        Args:
+            directory: the folder with schema.yaml and models/ (default: here)
+        """
+        try:
+            spec = load_policy_spec(Path(directory))
+            policy = load_policy(Path(directory), spec)
+        except ConfigError as error:
+            _fail(f"invalid: {error}")
+        info = policy.describe()
+        print(f"ok: {spec.name} from {spec.path}")
+        print(f"model: {info['model']} ({info['format']}), input size {info['input_size']}")
+        for head in info["heads"]:
+            shape = f"{head['n']} actions" if head["kind"] == "discrete" else f"{head['size']} values"
+            labels = f" {head['labels']}" if head.get("labels") else ""
+            print(f"head {head['name']}: {head['kind']}, {shape}{labels}")
+        if spec.observations is not None:
+            observation = observation_model(spec).model_validate(example_observation(spec))
+            decisions = policy.run([Task(RowEncoder(spec).encode([observation]), Kind.DETERMINISTIC)])[0]
+            assert not isinstance(decisions, Exception)
+            print(f"example observation {json.dumps(example_observation(spec))}")
+            print(f"→ deterministic actions {decisions.actions[0]}, probability {decisions.probabilities[0]}")
+
+    def openapi(self, directory: str = ".", out: str = "openapi.json") -> None:
+        """Write the OpenAPI spec of the policy in `directory` to `out`."""
+        from policy_server.server import build_app
+
+        try:
+            app = build_app(_settings(directory))
+        except ConfigError as error:
+            _fail(f"invalid: {error}")
+        Path(out).write_text(json.dumps(app.openapi(), indent=2) + "\n")
+        print(f"wrote {out}")
+
+    def serve(
+        self, directory: str = ".", host: str = "127.0.0.1", port: int = 8000, backend: str | None = None, log_level: str = "info"
+    ) -> None:
+        """Serve the policy in `directory` (the same as `uvicorn app:app`, from anywhere)."""
+        import uvicorn
+
+        os.environ["POLICY_SERVER_DIR"] = str(Path(directory).resolve())
+        if backend is not None:
+            os.environ["POLICY_SERVER_BACKEND"] = backend
+        uvicorn.run("policy_server.server:app_from_environment", factory=True, host=host, port=port, log_level=log_level)
+
+
+def _settings(directory: str) -> Settings:
+    return Settings.from_env(dict(os.environ, POLICY_SERVER_DIR=str(Path(directory).resolve())))
+
+
+def _remove_policy_files(root: Path) -> None:
+    (root / SCHEMA_FILE).unlink(missing_ok=True)
+    models = root / "models"
+    if models.is_dir():
+        for model in models.iterdir():
+            if model.suffix in MODEL_SUFFIXES:
+                model.unlink()
+
+
+def _fail(message: str) -> NoReturn:
+    print(message, file=sys.stderr)
+    raise SystemExit(1)

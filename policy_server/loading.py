@@ -1,0 +1,50 @@
+"""A policy directory (schema.yaml + models/) → a checked `PolicySpec` and, where it computes, a `Policy`.
+
+The one place that knows both the schema and the model files, so the API process (which may not
+load the model, with the ray backend), the replicas and `generate.py validate` read a directory
+the same way.
+"""
+
+from pathlib import Path
+
+from policy_server.errors import ConfigError
+from policy_server.policy import ModelInfo, Policy, build_policy
+from policy_server.runtimes import bundle_schema, find_model_file, load_runtime
+from policy_server.schema import PolicySpec, load_spec, parse_spec
+
+SCHEMA_FILE = "schema.yaml"
+
+
+def load_policy_spec(policy_dir: Path) -> PolicySpec:
+    """schema.yaml of the directory, or the one inside models/saved_model.zip."""
+    schema_path = policy_dir / SCHEMA_FILE
+    if schema_path.is_file():
+        return load_spec(schema_path)
+    bundle = policy_dir / "models" / "saved_model.zip"
+    if bundle.is_file():
+        text = bundle_schema(bundle)
+        if text is not None:
+            return parse_spec(text, bundle / SCHEMA_FILE)
+    raise ConfigError(
+        schema_path,
+        "file",
+        "not found",
+        "run in the policy's folder, set POLICY_SERVER_DIR, or: python generate.py copy_server_files examples/mouse_and_cheese",
+    )
+
+
+def model_file(policy_dir: Path, spec: PolicySpec) -> Path:
+    return find_model_file(policy_dir, spec.model_path)
+
+
+def load_policy(policy_dir: Path, spec: PolicySpec) -> Policy:
+    """Load the model, check it against the schema, and read its heads."""
+    runtime = load_runtime(model_file(policy_dir, spec))
+    info = ModelInfo(
+        path=str(runtime.path),
+        format=runtime.format,
+        device=runtime.device,
+        declared_input_size=runtime.input_size,
+        declared_size_is_exact="torchscript" not in runtime.format,
+    )
+    return build_policy(spec, runtime, info)

@@ -1,0 +1,378 @@
+"""Raw model outputs → heads → distributions → actions and probabilities.
+
+All model math lives here, for every route and every backend: executors only move `Task`s in and
+results out. One forward pass serves a whole batch of tasks; the distribution math is vectorised
+over the batch (numpy, float64 so probabilities sum to 1 and masked ones are exactly 0).
+"""
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from policy_server.errors import ConfigError, InputError
+from policy_server.schema import ContinuousHead, DiscreteHead, Head, PolicySpec
+
+Model = Callable[[np.ndarray], list[np.ndarray]]
+
+
+class Kind(enum.Enum):
+    SAMPLE = "sample"
+    DETERMINISTIC = "deterministic"
+    DISTRIBUTION = "distribution"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One request's rows and what it asks of them. `seed` makes sampling reproducible."""
+
+    rows: np.ndarray
+    kind: Kind
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Decisions:
+    actions: list[list[Any]]  # per row: one int per discrete head, all values of each continuous head
+    probabilities: list[float | None]
+
+
+@dataclass(frozen=True)
+class HeadParameters:
+    """One head's distribution for a batch of rows: probabilities [B, n], or mean and std [B, d]."""
+
+    head: Head
+    probabilities: np.ndarray | None = None
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+
+
+Distributions = list[list[dict[str, Any]]]  # per row, per head: the /distribution entries
+Result = Decisions | Distributions | InputError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was loaded, for /info, /schema and the metrics."""
+
+    path: str
+    format: str
+    device: str = "cpu"
+    declared_input_size: int | None = None  # what the file itself says it takes
+    declared_size_is_exact: bool = True  # False: read off the first layer, a guess
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+
+@dataclass(frozen=True)
+class OutputSlot:
+    """Where a head's raw values sit: which model output, which columns, log-stds or not."""
+
+    output: int
+    start: int
+    width: int
+    has_log_std: bool = False
+
+
+class Policy:
+    """A model plus the heads read from its outputs."""
+
+    def __init__(
+        self, model: Model, info: ModelInfo, input_size: int, heads: Sequence[Head], slots: Sequence[OutputSlot], mask_columns: slice | None
+    ) -> None:
+        self.model = model
+        self.info = info
+        self.input_size = input_size
+        self.heads = tuple(heads)
+        self.slots = tuple(slots)
+        self.mask_columns = mask_columns
+        self._head_offsets = np.cumsum([0] + [h.n for h in heads if isinstance(h, DiscreteHead)])
+        self._rng = np.random.default_rng()
+
+    def warm_up(self) -> None:
+        """One forward pass, so the first request does not pay for lazy initialisation."""
+        self.parameters(np.zeros((1, self.input_size), dtype=np.float32))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.info.name,
+            "format": self.info.format,
+            "device": self.info.device,
+            "input_size": self.input_size,
+            "heads": [describe_head(head) for head in self.heads],
+        }
+
+    def run(self, tasks: Sequence[Task]) -> list[Result]:
+        """Answer every task with one forward pass; a task's own input error is its result."""
+        results: list[Result | None] = [self._check_width(task) for task in tasks]
+        valid = [i for i, r in enumerate(results) if r is None]
+        if valid:
+            rows = np.concatenate([tasks[i].rows for i in valid]) if len(valid) > 1 else tasks[valid[0]].rows
+            parameters = self.parameters(rows)
+            start = 0
+            for i in valid:
+                stop = start + len(tasks[i].rows)
+                results[i] = self._answer(tasks[i], [_rows(p, start, stop) for p in parameters])
+                start = stop
+        return results  # type: ignore[return-value]
+
+    def _check_width(self, task: Task) -> InputError | None:
+        width = task.rows.shape[1]
+        if width != self.input_size:
+            return InputError(("body",), f"the observation gives {width} values; the model takes {self.input_size}", "input_size")
+        return None
+
+    def parameters(self, rows: np.ndarray) -> list[HeadParameters]:
+        outputs = self.model(rows)
+        mask = rows[:, self.mask_columns] > 0.5 if self.mask_columns is not None else None
+        parameters = []
+        discrete_index = 0
+        for head, slot in zip(self.heads, self.slots, strict=True):
+            values = outputs[slot.output][:, slot.start : slot.start + slot.width].astype(np.float64)
+            if isinstance(head, DiscreteHead):
+                head_mask = None if mask is None else mask[:, self._head_offsets[discrete_index] : self._head_offsets[discrete_index + 1]]
+                parameters.append(HeadParameters(head, probabilities=masked_softmax(values, head_mask)))
+                discrete_index += 1
+            elif slot.has_log_std:
+                parameters.append(HeadParameters(head, mean=values[:, : head.size], std=np.exp(values[:, head.size :])))
+            else:
+                parameters.append(HeadParameters(head, mean=values))
+        return parameters
+
+    def _answer(self, task: Task, parameters: list[HeadParameters]) -> Result:
+        blocked = _first_blocked_row(parameters)
+        if blocked is not None:
+            row, head = blocked
+            loc: tuple[str | int, ...] = ("body", "observations", row) if len(task.rows) > 1 else ("body",)
+            return InputError(loc, f"the action mask allows no action of head '{head}'", "no_allowed_action")
+        if task.kind is Kind.DISTRIBUTION:
+            return [[_describe(p, row) for p in parameters] for row in range(len(task.rows))]
+        rng = np.random.default_rng(task.seed) if task.seed is not None else self._rng
+        sample = task.kind is Kind.SAMPLE
+        return _decide(parameters, len(task.rows), rng if sample else None)
+
+
+def masked_softmax(logits: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Softmax per row; masked actions get exactly 0. A row with nothing allowed is all 0."""
+    if mask is not None:
+        logits = np.where(mask, logits, -np.inf)
+    peak = logits.max(axis=1, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    weights = np.exp(logits - peak)
+    total = weights.sum(axis=1, keepdims=True)
+    return np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
+
+
+def sample_discrete(probabilities: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One draw per row by inverse CDF; an action of probability 0 can never be drawn."""
+    cdf = np.cumsum(probabilities, axis=1)
+    u = rng.random(len(probabilities)) * cdf[:, -1]
+    return (u[:, None] >= cdf).sum(axis=1)
+
+
+def _rows(parameters: HeadParameters, start: int, stop: int) -> HeadParameters:
+    def cut(array: np.ndarray | None) -> np.ndarray | None:
+        return None if array is None else array[start:stop]
+
+    return HeadParameters(parameters.head, cut(parameters.probabilities), cut(parameters.mean), cut(parameters.std))
+
+
+def _first_blocked_row(parameters: list[HeadParameters]) -> tuple[int, str] | None:
+    for p in parameters:
+        if p.probabilities is not None:
+            blocked = np.flatnonzero(p.probabilities.sum(axis=1) == 0)
+            if blocked.size:
+                return int(blocked[0]), p.head.name
+    return None
+
+
+def _decide(parameters: list[HeadParameters], batch: int, rng: np.random.Generator | None) -> Decisions:
+    """Actions per head (sampled with `rng`, else the most likely) and their joint probability."""
+    columns: list[np.ndarray] = []
+    joint = np.ones(batch)
+    for p in parameters:
+        if p.probabilities is not None:
+            chosen = sample_discrete(p.probabilities, rng) if rng is not None else p.probabilities.argmax(axis=1)
+            joint *= p.probabilities[np.arange(batch), chosen]
+            columns.append(chosen[:, None])
+        else:
+            assert p.mean is not None and isinstance(p.head, ContinuousHead)
+            values = p.mean if rng is None or p.std is None else rng.normal(p.mean, p.std)
+            columns.append(_clip(values, p.head))
+    actions = np.concatenate(columns, axis=1).tolist()
+    discrete = parameters[0].probabilities is not None
+    return Decisions(actions=actions, probabilities=joint.tolist() if discrete else [None] * batch)
+
+
+def _clip(values: np.ndarray, head: ContinuousHead) -> np.ndarray:
+    if head.low is None and head.high is None:
+        return values
+    return np.clip(values, head.low if head.low is not None else -np.inf, head.high if head.high is not None else np.inf)
+
+
+def _describe(p: HeadParameters, row: int) -> dict[str, Any]:
+    if p.probabilities is not None:
+        labels = p.head.labels if isinstance(p.head, DiscreteHead) else None
+        return {"name": p.head.name, "labels": None if labels is None else list(labels), "probabilities": p.probabilities[row].tolist()}
+    assert p.mean is not None
+    return {"name": p.head.name, "mean": p.mean[row].tolist(), "std": None if p.std is None else p.std[row].tolist()}
+
+
+def describe_head(head: Head) -> dict[str, Any]:
+    if isinstance(head, DiscreteHead):
+        return {"name": head.name, "kind": "discrete", "n": head.n, "labels": None if head.labels is None else list(head.labels)}
+    return {
+        "name": head.name,
+        "kind": "continuous",
+        "size": head.size,
+        "low": None if head.low is None else list(head.low),
+        "high": None if head.high is None else list(head.high),
+    }
+
+
+# --- reading the heads from a model's outputs ------------------------------------------------
+
+
+def build_policy(spec: PolicySpec, model: Model, info: ModelInfo) -> Policy:
+    """Check the model against the schema (sizes, heads, mask) and read its heads.
+
+    A mismatch is the user's to fix, so it is a `ConfigError` naming both sizes.
+    """
+    model_path = info.path
+    input_size = _input_size(spec, model, info)
+    try:
+        outputs = model(np.zeros((2, input_size), dtype=np.float32))
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(
+            model_path,
+            "model",
+            f"fails on a batch of 2 rows of {input_size} values ({reason})",
+            "export it with forward(obs: float32[B, D]) and a dynamic batch dimension",
+        ) from None
+    heads, slots = _read_heads(spec, [o.shape[1] for o in outputs], model_path)
+    mask_columns = _mask_columns(spec, heads)
+    return Policy(model, info, input_size, heads, slots, mask_columns)
+
+
+def _input_size(spec: PolicySpec, model: Model, info: ModelInfo) -> int:
+    expected, declared = spec.input_size, info.declared_input_size
+    mismatch = expected is not None and declared is not None and expected != declared
+    # A TorchScript size is read off the first layer, a guess: the schema wins if the model takes it.
+    if mismatch and (info.declared_size_is_exact or not _accepts(model, expected)):
+        raise ConfigError(
+            info.path,
+            "model",
+            f"takes {declared} input values but {spec.path.name} describes {expected}",
+            "make the observations add up to the model's input size, or serve the matching model",
+        )
+    size = expected if expected is not None else declared
+    if size is None:
+        raise ConfigError(
+            spec.path,
+            "observations",
+            "the model's input size cannot be read from its file and the schema does not fix it",
+            "give every list equal min_items and max_items",
+        )
+    return size
+
+
+def _accepts(model: Model, width: int) -> bool:
+    try:
+        model(np.zeros((1, width), dtype=np.float32))
+    except Exception:
+        return False
+    return True
+
+
+def _read_heads(spec: PolicySpec, widths: list[int], model_path: str) -> tuple[list[Head], list[OutputSlot]]:
+    if not spec.is_tuple:
+        widths = widths[:1]  # e.g. (logits, value): the first item is the policy's
+    declared = spec.actions
+    if spec.discrete:
+        return _discrete_heads(spec, declared, widths, model_path)
+    return _continuous_heads(declared, widths, model_path)
+
+
+def _discrete_heads(
+    spec: PolicySpec, declared: tuple[Head, ...] | None, widths: list[int], model_path: str
+) -> tuple[list[Head], list[OutputSlot]]:
+    if len(widths) > 1:  # one tensor per head: sizes come from the model
+        if declared is not None and [h.n for h in declared if isinstance(h, DiscreteHead)] != widths:
+            raise ConfigError(
+                model_path,
+                "actions",
+                f"the model returns heads of sizes {widths}, schema.yaml declares {[h.n for h in declared if isinstance(h, DiscreteHead)]}",
+                "make actions[*].n match the model's outputs",
+            )
+        heads: list[Head] = list(declared) if declared is not None else [DiscreteHead(f"action_{i}", n) for i, n in enumerate(widths)]
+        return heads, [OutputSlot(i, 0, n) for i, n in enumerate(widths)]
+    width = widths[0]
+    if declared is None:
+        if spec.is_tuple:
+            raise ConfigError(
+                spec.path,
+                "actions",
+                f"a tuple policy whose model returns one tensor of {width} logits: the head sizes cannot be known",
+                "list the heads under actions (e.g. '- {name: a, n: 2}'), or return one tensor per head",
+            )
+        return [DiscreteHead("action", width)], [OutputSlot(0, 0, width)]
+    sizes = [h.n for h in declared if isinstance(h, DiscreteHead)]
+    if sum(sizes) != width:
+        raise ConfigError(
+            model_path,
+            "actions",
+            f"the model returns {width} logits, schema.yaml's heads add up to {sum(sizes)} ({sizes})",
+            "make actions[*].n add up to the model's output size",
+        )
+    starts = np.cumsum([0, *sizes])
+    return list(declared), [OutputSlot(0, int(starts[i]), n) for i, n in enumerate(sizes)]
+
+
+def _continuous_heads(declared: tuple[Head, ...] | None, widths: list[int], model_path: str) -> tuple[list[Head], list[OutputSlot]]:
+    if declared is None:  # every output is a mean
+        return [ContinuousHead(f"action_{i}" if len(widths) > 1 else "action", w) for i, w in enumerate(widths)], [
+            OutputSlot(i, 0, w) for i, w in enumerate(widths)
+        ]
+    sizes = [h.size for h in declared if isinstance(h, ContinuousHead)]
+    if len(widths) > 1:
+        if len(widths) != len(sizes) or any(w not in (d, 2 * d) for w, d in zip(widths, sizes, strict=True)):
+            raise ConfigError(
+                model_path,
+                "actions",
+                f"the model returns outputs of widths {widths} for heads of sizes {sizes}",
+                "each head's output must be its size (means) or twice it (means, then log-stds)",
+            )
+        return list(declared), [OutputSlot(i, 0, w, w == 2 * d) for i, (w, d) in enumerate(zip(widths, sizes, strict=True))]
+    width, total = widths[0], sum(sizes)
+    if width not in (total, 2 * total):
+        raise ConfigError(
+            model_path,
+            "actions",
+            f"the model returns {width} values, the heads need {total} (means) or {2 * total} (means, then log-stds)",
+            "make actions[*].size match the model's output",
+        )
+    factor = width // total
+    starts = np.cumsum([0] + [factor * d for d in sizes])
+    return list(declared), [OutputSlot(0, int(starts[i]), factor * d, factor == 2) for i, d in enumerate(sizes)]
+
+
+def _mask_columns(spec: PolicySpec, heads: list[Head]) -> slice | None:
+    if spec.action_mask is None:
+        return None
+    columns = spec.columns_of(spec.action_mask)
+    assert columns is not None  # schema.py refuses a mask without a fixed place
+    total = sum(h.n for h in heads if isinstance(h, DiscreteHead))
+    if columns.stop - columns.start != total:
+        raise ConfigError(
+            spec.path,
+            f"observations.{spec.action_mask}",
+            f"the mask has {columns.stop - columns.start} entries but the model's heads have {total} actions",
+            f"set its min_items and max_items to {total}",
+        )
+    return columns

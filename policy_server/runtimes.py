@@ -1,0 +1,193 @@
+"""Model files → one callable: float32 rows [B, D] → the model's raw outputs, as 2-D arrays.
+
+Formats: `.pt2` (torch.export, what torch recommends), `.pt` (TorchScript, what most existing
+policies are) and `saved_model.zip` (a bundle holding one of them, optionally with a schema.yaml).
+Nothing here knows about schemas or HTTP.
+"""
+
+import io
+import logging
+import warnings
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+
+from policy_server.errors import ConfigError
+
+logger = logging.getLogger("policy_server")
+
+MODEL_SUFFIXES = (".pt2", ".pt", ".zip")
+BUNDLE_SCHEMA = "schema.yaml"
+
+
+@dataclass
+class Runtime:
+    """A loaded model. `input_size` is what the file says it takes (None: the file does not say)."""
+
+    path: Path
+    format: str
+    forward: Callable[[torch.Tensor], Any]
+    input_size: int | None
+    device: str = "cpu"
+
+    def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
+        with torch.inference_mode():
+            outputs = self.forward(torch.from_numpy(rows).to(self.device))
+        return [_as_matrix(output, len(rows)) for output in _flatten_outputs(outputs)]
+
+
+def _flatten_outputs(outputs: Any) -> Sequence[torch.Tensor]:
+    if isinstance(outputs, torch.Tensor):
+        return (outputs,)
+    if isinstance(outputs, list | tuple) and outputs and all(isinstance(o, torch.Tensor) for o in outputs):
+        return outputs
+    raise TypeError(f"the model returned {type(outputs).__name__}; it must return a tensor or a tuple of tensors")
+
+
+def _as_matrix(output: torch.Tensor, batch: int) -> np.ndarray:
+    array = output.detach().to("cpu", torch.float32).numpy()
+    return array.reshape(batch, -1)
+
+
+def find_model_file(policy_dir: Path, declared: Path | None) -> Path:
+    """The model to serve: `model.path` from the schema, else the one model file in models/."""
+    if declared is not None:
+        path = declared if declared.is_absolute() else policy_dir / declared
+        if not path.is_file():
+            raise ConfigError(path, "model.path", "no such file", "point model.path at the model file, relative to the schema's folder")
+        return path
+    models = policy_dir / "models"
+    candidates = sorted(p for p in models.glob("*") if p.suffix in MODEL_SUFFIXES and p.is_file()) if models.is_dir() else []
+    if not candidates:
+        raise ConfigError(
+            models,
+            "model",
+            "no model file (.pt2, .pt or saved_model.zip) found",
+            "put the model in models/ (python generate.py copy_server_files examples/mouse_and_cheese)",
+        )
+    if len(candidates) > 1:
+        names = ", ".join(p.name for p in candidates)
+        raise ConfigError(
+            models, "model", f"several model files ({names})", "keep one, or name it in schema.yaml under 'model: {path: ...}'"
+        )
+    return candidates[0]
+
+
+def bundle_schema(bundle: Path) -> str | None:
+    """The schema.yaml text a saved_model.zip carries, if any."""
+    with _open_bundle(bundle) as archive:
+        names = [n for n in archive.namelist() if Path(n).name == BUNDLE_SCHEMA]
+        return archive.read(names[0]).decode("utf-8") if names else None
+
+
+def load_runtime(path: Path) -> Runtime:
+    if path.suffix == ".zip":
+        return _load_bundle(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(path, "model", f"cannot be read ({exc.strerror})", "check the file's permissions") from None
+    return _load_bytes(path, path.suffix, data)
+
+
+def _load_bytes(path: Path, suffix: str, data: bytes) -> Runtime:
+    loaders = {".pt2": _load_exported, ".pt": _load_torchscript}
+    if suffix not in loaders:
+        raise ConfigError(
+            path, "model", f"unknown model format '{suffix}'", "use a .pt2 (torch.export), .pt (TorchScript) or saved_model.zip"
+        )
+    try:
+        return loaders[suffix](path, data)
+    except ConfigError:
+        raise
+    except Exception as exc:  # torch raises many kinds; the user needs the first line
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        fix = "save it with torch.export.save" if suffix == ".pt2" else "save it with torch.jit.save"
+        raise ConfigError(path, "model", f"does not load as {suffix} ({reason})", fix) from None
+
+
+def _load_torchscript(path: Path, data: bytes) -> Runtime:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=Warning)
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    module.eval()
+    return Runtime(path=path, format="torchscript", forward=module, input_size=_first_layer_width(module))
+
+
+def _first_layer_width(module: torch.nn.Module) -> int | None:
+    """A TorchScript file does not declare its input size; an MLP's first weight [out, in] does."""
+    for parameter in module.parameters():
+        return int(parameter.shape[1]) if parameter.dim() == 2 else None
+    return None
+
+
+def _load_exported(path: Path, data: bytes) -> Runtime:
+    program = torch.export.load(io.BytesIO(data))
+    return Runtime(path=path, format="torch.export", forward=_exported_forward(program), input_size=_exported_width(program))
+
+
+def _exported_width(program: torch.export.ExportedProgram) -> int | None:
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            shape = node.meta["val"].shape
+            return int(shape[1]) if len(shape) == 2 and isinstance(shape[1], int) else None
+    return None
+
+
+def _exported_forward(program: torch.export.ExportedProgram) -> Callable[[torch.Tensor], Any]:
+    """Call the program's graph directly with its weights bound.
+
+    `program.module()` re-checks input constraints and re-flattens arguments on every call:
+    ~150 µs for one row of a small MLP here, against ~30 µs for the bare graph. Programs with
+    inputs other than weights and one tensor keep the checked path.
+    """
+    signature = program.graph_signature
+    kinds = {spec.kind.name for spec in signature.input_specs}
+    if not kinds <= {"PARAMETER", "BUFFER", "CONSTANT_TENSOR", "USER_INPUT"} or len(signature.user_inputs) != 1:
+        return program.module()
+    bound = [
+        program.constants[spec.target] if spec.kind.name == "CONSTANT_TENSOR" else program.state_dict[spec.target]
+        for spec in signature.input_specs
+        if spec.kind.name != "USER_INPUT"
+    ]
+    if any(spec.kind.name == "USER_INPUT" for spec in signature.input_specs[: len(bound)]):
+        return program.module()  # the user input is not last: keep the general path
+    graph = program.graph_module
+    out_spec = program.call_spec.out_spec
+
+    def forward(rows: torch.Tensor) -> Any:
+        flat = graph(*bound, rows)
+        return pytree.tree_unflatten(list(flat), out_spec) if out_spec is not None else flat
+
+    return forward
+
+
+def _open_bundle(bundle: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(bundle)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ConfigError(bundle, "model", f"is not a readable zip ({exc})", "re-create the bundle with zip") from None
+
+
+def _load_bundle(bundle: Path) -> Runtime:
+    with _open_bundle(bundle) as archive:
+        members = [n for n in archive.namelist() if Path(n).suffix in (".pt2", ".pt") and not n.endswith("/")]
+        if len(members) != 1:
+            found = ", ".join(members) or "none"
+            raise ConfigError(
+                bundle,
+                "model",
+                f"a bundle must hold exactly one .pt2 or .pt model (found: {found})",
+                "zip one model file, optionally with schema.yaml",
+            )
+        data = archive.read(members[0])
+    runtime = _load_bytes(bundle, Path(members[0]).suffix, data)
+    runtime.format = f"bundle/{runtime.format}"
+    return runtime

@@ -1,0 +1,63 @@
+"""Settings → spec → executor → app: the composition `app.py` and `generate.py serve` share.
+
+A user's mistake found here (bad schema, missing model, no api key) ends the process with one
+line on stderr naming the file, the key and the fix: no traceback.
+"""
+
+import logging
+import sys
+
+from fastapi import FastAPI
+
+from policy_server.errors import ConfigError
+from policy_server.executors import Executor
+from policy_server.executors.local import LocalExecutor
+from policy_server.loading import load_policy, load_policy_spec
+from policy_server.schema import PolicySpec
+from policy_server.settings import Settings
+
+
+def build_app(settings: Settings) -> FastAPI:
+    from policy_server.api import create_app  # the HTTP layer sits on top; nothing below imports it
+
+    spec = load_policy_spec(settings.policy_dir)
+    api_key = _api_key(spec, settings)
+    executor = create_executor(spec, settings)
+    return create_app(spec, executor, api_key=api_key, max_body_bytes=settings.max_body_bytes)
+
+
+def _api_key(spec: PolicySpec, settings: Settings) -> str | None:
+    if not settings.auth_enabled:
+        return None
+    key = settings.api_key or spec.api_key
+    if not key:
+        raise ConfigError(
+            spec.path,
+            "parameters.api_key",
+            "no api key is configured",
+            "set parameters.api_key or POLICY_SERVER_API_KEY (or POLICY_SERVER_AUTH=off to serve without auth)",
+        )
+    return key
+
+
+def create_executor(spec: PolicySpec, settings: Settings) -> Executor:
+    backend = settings.backend or spec.serving.backend
+    if backend != "local":
+        raise ConfigError(
+            spec.path,
+            "serving.backend",
+            f"backend {backend!r} is not available in this version",
+            "use 'local' (or unset POLICY_SERVER_BACKEND)",
+        )
+    policy = load_policy(settings.policy_dir, spec)
+    return LocalExecutor(policy, spec.serving.max_batch_size, spec.serving.batch_wait_ms, settings.torch_threads)
+
+
+def app_from_environment() -> FastAPI:
+    """For `uvicorn app:app`: the app, or exit 1 with one line if the policy cannot be served."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    try:
+        return build_app(Settings.from_env())
+    except ConfigError as error:
+        print(f"policy-server: cannot start: {error}", file=sys.stderr)
+        raise SystemExit(1) from None

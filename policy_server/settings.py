@@ -1,0 +1,43 @@
+"""Where the policy is and what the environment overrides: read once at start-up."""
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from policy_server.errors import ConfigError
+
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server takes from its environment rather than from schema.yaml."""
+
+    policy_dir: Path
+    api_key: str | None = field(default=None, repr=False)  # overrides schema.yaml's api_key
+    auth_enabled: bool = True
+    backend: str | None = None  # overrides serving.backend
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    torch_threads: int = 1
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        return cls(
+            policy_dir=Path(env.get("POLICY_SERVER_DIR") or Path.cwd()),
+            api_key=env.get("POLICY_SERVER_API_KEY") or None,
+            auth_enabled=env.get("POLICY_SERVER_AUTH", "on").strip().lower() != "off",
+            backend=env.get("POLICY_SERVER_BACKEND") or None,
+            max_body_bytes=_positive_int(env, "POLICY_SERVER_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
+            torch_threads=_positive_int(env, "POLICY_SERVER_TORCH_THREADS", 1),
+        )
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError("environment", name, f"{raw!r} is not a positive whole number", f"set {name} to e.g. {default}")
+    return int(raw)
