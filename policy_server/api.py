@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from policy_server import __version__
 from policy_server.auth import api_key_dependency
+from policy_server.docs import add_offline_docs
 from policy_server.errors import InputError, PolicyFailure
 from policy_server.executors import Executor
 from policy_server.middleware import CanonicalPath, RequestBodyGuard
@@ -50,7 +51,7 @@ Seed = Annotated[
 
 def json_response(content: Any, status_code: int = 200) -> Response:
     """Serialise once with the stdlib: the answers are plain lists and floats already."""
-    return Response(json.dumps(content, separators=(",", ":")), status_code=status_code, media_type="application/json")
+    return Response(json.dumps(content, separators=(",", ":"), allow_nan=False), status_code=status_code, media_type="application/json")
 
 
 def create_app(spec: PolicySpec, executor: Executor, *, api_key: str | None, max_body_bytes: int) -> FastAPI:
@@ -80,7 +81,10 @@ def create_app(spec: PolicySpec, executor: Executor, *, api_key: str | None, max
         description=_description(spec, api_key is not None),
         lifespan=lifespan,
         redirect_slashes=False,
+        docs_url=None,
+        redoc_url=None,
     )
+    add_offline_docs(app)
     auth = [Depends(api_key_dependency(api_key))] if api_key is not None else []
     if spec.observations is not None:
         _add_observation_routes(app, spec, executor, auth)
