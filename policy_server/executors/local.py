@@ -1,9 +1,13 @@
 """The default executor: the policy in this process, concurrent requests coalesced.
 
-Requests queue up; one batching task takes everything queued (up to `max_batch_size` rows) and
-runs it as one forward pass on a dedicated worker thread, off the event loop. While that pass
-runs, new requests queue and form the next batch, so a lone request never waits and throughput
-rises with load. `batch_wait_ms` > 0 additionally holds a batch that long for more rows.
+Requests wait in a pending list. When the worker thread is free, everything pending (up to
+`max_batch_size` rows) leaves as one batch: one forward pass, off the event loop. Requests that
+arrive while it computes form the next batch, so a lone request never waits and throughput rises
+with load. `batch_wait_ms` > 0 additionally holds a batch that long for more rows.
+
+No batching task sits in between: the request that finds the worker free hands its batch over
+itself, and the worker's completion callback hands over the next one. Each hop through the event
+loop costs tens of microseconds, which is the whole budget of a small policy.
 """
 
 import asyncio
@@ -30,10 +34,13 @@ class LocalExecutor:
         self.max_batch_rows = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000
         self.torch_threads = torch_threads
-        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
-        self._held: _Pending | None = None  # taken out but too big for the batch it met
+        self._pending: list[_Pending] = []
+        self._pending_rows = 0
+        self._busy = False  # a batch is on the worker, or waiting for company
+        self._wait: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: ThreadPoolExecutor | None = None
-        self._batcher: asyncio.Task[None] | None = None
         self._ready = False
 
     @property
@@ -41,77 +48,79 @@ class LocalExecutor:
         return self._ready
 
     async def start(self) -> None:
-        torch.set_num_threads(self.torch_threads)
+        self._loop = asyncio.get_running_loop()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
-        await asyncio.get_running_loop().run_in_executor(self._worker, self.policy.warm_up)
-        self._batcher = asyncio.create_task(self._batch_loop(), name="policy-batcher")
+        await self._loop.run_in_executor(self._worker, self._warm_up)
+        self._idle.set()
         self._ready = True
 
+    def _warm_up(self) -> None:
+        torch.set_num_threads(self.torch_threads)
+        self.policy.warm_up()
+
     async def stop(self) -> None:
-        """Answer every queued task, then end the batcher and the worker thread."""
+        """Answer every accepted task, then end the worker thread."""
         self._ready = False
-        if self._batcher is not None:
-            self._queue.put_nowait(None)
-            await self._batcher
+        await self._idle.wait()
         if self._worker is not None:
             self._worker.shutdown(wait=True)
 
     async def run(self, task: Task) -> Result:
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((task, future))
+        assert self._loop is not None, "start() first"
+        future: asyncio.Future[Result] = self._loop.create_future()
+        self._pending.append((task, future))
+        self._pending_rows += len(task.rows)
+        self._idle.clear()
+        if not self._busy:
+            self._busy = True
+            if self.batch_wait_s > 0 and self._pending_rows < self.max_batch_rows:
+                self._wait = self._loop.call_later(self.batch_wait_s, self._dispatch)
+            else:
+                self._dispatch()
+        elif self._wait is not None and self._pending_rows >= self.max_batch_rows:
+            self._dispatch()  # the waiting batch is full: no need to wait longer
         return await future
 
     def describe(self) -> dict[str, Any]:
         return self.policy.describe() | {"backend": self.backend, "replicas": 1}
 
-    async def _batch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while (batch := await self._next_batch()) is not None:
-            try:
-                results = await loop.run_in_executor(self._worker, self.policy.run, [task for task, _ in batch])
-            except Exception:
-                error_id = uuid.uuid4().hex[:12]
-                logger.exception("the policy failed on a batch of %d requests (error id %s)", len(batch), error_id)
-                results = [PolicyFailure(error_id)] * len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():  # the client went away
-                    continue
-                if isinstance(result, InputError | PolicyFailure):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-
-    async def _next_batch(self) -> list[_Pending] | None:
-        """The next batch to compute; None once stop() was called and all before it is done."""
-        first = self._held or await self._queue.get()
-        self._held = None
-        if first is None:
-            return None
-        batch, rows = [first], len(first[0].rows)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.batch_wait_s
-        while rows < self.max_batch_rows:
-            item = await self._take(deadline - loop.time())
-            if item is None:
-                break
+    def _dispatch(self) -> None:
+        """Hand the next batch to the worker (on the event loop; `_busy` is already set)."""
+        if self._wait is not None:
+            self._wait.cancel()
+            self._wait = None
+        if not self._pending:
+            self._busy = False
+            self._idle.set()
+            return
+        batch, rows = [self._pending[0]], len(self._pending[0][0].rows)
+        for item in self._pending[1:]:
             if rows + len(item[0].rows) > self.max_batch_rows:
-                self._held = item
                 break
             batch.append(item)
             rows += len(item[0].rows)
-        return batch
+        del self._pending[: len(batch)]
+        self._pending_rows -= rows
+        assert self._worker is not None
+        self._worker.submit(self._compute, batch)
 
-    async def _take(self, wait_s: float) -> _Pending | None:
-        """A queued task, waiting at most `wait_s` for one; a stop request stays queued."""
-        if self._queue.empty():
-            if wait_s <= 0:
-                return None
-            try:
-                item = await asyncio.wait_for(self._queue.get(), wait_s)
-            except TimeoutError:
-                return None
-        else:
-            item = self._queue.get_nowait()
-        if item is None:
-            self._queue.put_nowait(None)  # stop after this batch and anything queued behind it
-        return item
+    def _compute(self, batch: list[_Pending]) -> None:
+        """On the worker thread: one forward pass for the batch, results back to the loop."""
+        try:
+            results: list[Result | PolicyFailure] = list(self.policy.run([task for task, _ in batch]))
+        except Exception:
+            error_id = uuid.uuid4().hex[:12]
+            logger.exception("the policy failed on a batch of %d requests (error id %s)", len(batch), error_id)
+            results = [PolicyFailure(error_id)] * len(batch)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, batch, results)
+
+    def _deliver(self, batch: list[_Pending], results: list[Result | PolicyFailure]) -> None:
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():  # the client went away
+                continue
+            if isinstance(result, InputError | PolicyFailure):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        self._dispatch()
