@@ -63,7 +63,7 @@ class Commands:
         print(f"ok: {spec.name} from {spec.path}")
         print(f"model: {info['model']} ({info['format']}), input size {info['input_size']}")
         for head in info["heads"]:
-            shape = f"{head['n']} actions" if head["kind"] == "discrete" else f"{head['size']} values"
+            shape = f"{head['n']} actions" if head["kind"] == "discrete" else f"{head['size']} value(s)"
             labels = f" {head['labels']}" if head.get("labels") else ""
             print(f"head {head['name']}: {head['kind']}, {shape}{labels}")
         if spec.observations is not None:

@@ -22,9 +22,9 @@ def load_policy_spec(policy_dir: Path) -> PolicySpec:
         return load_spec(schema_path)
     bundle = policy_dir / "models" / "saved_model.zip"
     if bundle.is_file():
-        text = bundle_schema(bundle)
-        if text is not None:
-            return parse_spec(text, bundle / SCHEMA_FILE)
+        data = bundle_schema(bundle)
+        if data is not None:
+            return parse_spec(data, bundle / SCHEMA_FILE)
     raise ConfigError(
         schema_path,
         "file",

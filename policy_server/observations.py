@@ -5,6 +5,7 @@ this module turns the result into the pydantic models FastAPI validates and docu
 into the one vector op per request that makes rows.
 """
 
+import math
 from collections.abc import Sequence
 from itertools import chain
 from typing import Annotated, Any
@@ -38,8 +39,13 @@ def observation_model(spec: PolicySpec) -> type[BaseModel]:
 def _annotation(obs: ObservationField) -> Any:
     scalar: Any = _PYTHON_TYPES[obs.kind]
     if obs.kind != "bool" and (obs.minimum is not None or obs.maximum is not None):
-        scalar = Annotated[scalar, Field(ge=obs.minimum, le=obs.maximum)]
+        scalar = Annotated[scalar, Field(ge=_typed(obs.minimum, obs), le=_typed(obs.maximum, obs))]
     return list[scalar] if obs.is_list else scalar
+
+
+def _typed(bound: float | None, obs: ObservationField) -> float | int | None:
+    """Bounds of int fields as ints where whole, so the OpenAPI spec says `maximum: 3`, not 3.0."""
+    return int(bound) if bound is not None and obs.kind == "int" and bound.is_integer() else bound
 
 
 def _field_info(obs: ObservationField, is_mask: bool) -> Any:
@@ -57,19 +63,21 @@ def _field_info(obs: ObservationField, is_mask: bool) -> Any:
 
 
 def example_value(obs: ObservationField) -> Any:
-    """A valid value: the middle of the bounds (0 without), and lists of their minimum length."""
+    """A valid value: the middle of the bounds (or the one bound, or 0); lists of their minimum length."""
     if obs.kind == "bool":
         scalar: Any = True
     else:
-        low = obs.minimum if obs.minimum is not None else (obs.maximum - 1 if obs.maximum is not None and obs.maximum < 0 else 0.0)
-        high = obs.maximum if obs.maximum is not None else max(low, 0.0)
-        middle = (low + high) / 2
-        scalar = int(np.ceil(middle)) if obs.kind == "int" else middle
-        if obs.kind == "int" and obs.maximum is not None and scalar > obs.maximum:
-            scalar = int(np.floor(middle))
+        bounds = [b for b in (obs.minimum, obs.maximum) if b is not None]
+        middle = sum(bounds) / len(bounds) if bounds else 0.0
+        scalar = middle if obs.kind == "float" else _whole_number_within(middle, obs)
     if not obs.is_list:
         return scalar
     return [scalar] * (obs.min_items if obs.min_items is not None else 1)
+
+
+def _whole_number_within(value: float, obs: ObservationField) -> int:
+    whole = math.ceil(value)
+    return whole if obs.maximum is None or whole <= obs.maximum else math.floor(value)
 
 
 def example_observation(spec: PolicySpec) -> dict[str, Any]:
@@ -123,19 +131,13 @@ class RowEncoder:
         self._has_lists = any(self._list_flags)
 
     def encode(self, observations: Sequence[BaseModel]) -> np.ndarray:
-        try:
-            if self._has_lists:
-                rows = [self._flatten(obs) for obs in observations]
-                if len({len(row) for row in rows}) > 1:
-                    raise InputError(("body",), "observations give rows of different lengths", "list_lengths")
-            else:
-                rows = [list(obs.__dict__.values()) for obs in observations]
-            matrix = np.array(rows, dtype=np.float32).reshape(len(observations), -1)
-        except OverflowError:
-            matrix = np.full((1, 1), np.inf, dtype=np.float32)
-        if not np.isfinite(matrix).all():
-            raise InputError(("body",), "a value is beyond float32's range (about ±3.4e38)", "out_of_range")
-        return matrix
+        if self._has_lists:
+            rows = [self._flatten(obs) for obs in observations]
+            if len({len(row) for row in rows}) > 1:
+                raise InputError(("body",), "observations give rows of different lengths", "list_lengths")
+        else:
+            rows = [list(obs.__dict__.values()) for obs in observations]
+        return float32_rows(rows, ("body",))
 
     def _flatten(self, observation: BaseModel) -> list[Any]:
         values = observation.__dict__.values()
@@ -143,7 +145,16 @@ class RowEncoder:
 
 
 def raw_rows(raw: RawObservation) -> np.ndarray:
-    matrix = np.array([raw.obs], dtype=np.float32)
+    return float32_rows([raw.obs], ("body", "obs"))
+
+
+def float32_rows(rows: list[list[Any]], loc: tuple[str, ...]) -> np.ndarray:
+    """A float32 matrix, refusing values beyond float32's range (they would reach the model as inf)."""
+    try:
+        with np.errstate(over="ignore"):
+            matrix = np.array(rows, dtype=np.float32).reshape(len(rows), -1)
+    except OverflowError:  # an int too large even for float64
+        matrix = np.full((1, 1), np.inf, dtype=np.float32)
     if not np.isfinite(matrix).all():
-        raise InputError(("body", "obs"), "a value is beyond float32's range (about ±3.4e38)", "out_of_range")
+        raise InputError(loc, "a value is beyond float32's range (about ±3.4e38)", "out_of_range")
     return matrix

@@ -79,11 +79,16 @@ def find_model_file(policy_dir: Path, declared: Path | None) -> Path:
     return candidates[0]
 
 
-def bundle_schema(bundle: Path) -> str | None:
-    """The schema.yaml text a saved_model.zip carries, if any."""
+def bundle_schema(bundle: Path) -> bytes | None:
+    """The schema.yaml a saved_model.zip carries, if any."""
     with _open_bundle(bundle) as archive:
-        names = [n for n in archive.namelist() if Path(n).name == BUNDLE_SCHEMA]
-        return archive.read(names[0]).decode("utf-8") if names else None
+        names = [n for n in _bundle_members(archive) if Path(n).name == BUNDLE_SCHEMA]
+        return archive.read(names[0]) if names else None
+
+
+def _bundle_members(archive: zipfile.ZipFile) -> list[str]:
+    """Files in the zip, less the `__MACOSX/` and `._*` shadows macOS adds."""
+    return [n for n in archive.namelist() if not n.endswith("/") and not n.startswith("__MACOSX/") and not Path(n).name.startswith("._")]
 
 
 def load_runtime(path: Path) -> Runtime:
@@ -152,8 +157,9 @@ def _exported_forward(program: torch.export.ExportedProgram) -> Callable[[torch.
     kinds = {spec.kind.name for spec in signature.input_specs}
     if not kinds <= {"PARAMETER", "BUFFER", "CONSTANT_TENSOR", "USER_INPUT"} or len(signature.user_inputs) != 1:
         return program.module()
+    # Constants and non-persistent buffers live in `constants`, the rest in `state_dict`.
     bound = [
-        program.constants[spec.target] if spec.kind.name == "CONSTANT_TENSOR" else program.state_dict[spec.target]
+        program.state_dict[spec.target] if spec.target in program.state_dict else program.constants[spec.target]
         for spec in signature.input_specs
         if spec.kind.name != "USER_INPUT"
     ]
@@ -178,7 +184,7 @@ def _open_bundle(bundle: Path) -> zipfile.ZipFile:
 
 def _load_bundle(bundle: Path) -> Runtime:
     with _open_bundle(bundle) as archive:
-        members = [n for n in archive.namelist() if Path(n).suffix in (".pt2", ".pt") and not n.endswith("/")]
+        members = [n for n in _bundle_members(archive) if Path(n).suffix in (".pt2", ".pt")]
         if len(members) != 1:
             found = ", ".join(members) or "none"
             raise ConfigError(

@@ -21,6 +21,7 @@ ScalarKind = Literal["int", "float", "bool"]
 SCALAR_KINDS: tuple[ScalarKind, ...] = ("int", "float", "bool")
 ALLOWED_TYPES = ("int", "float", "bool", "List[int]", "List[float]", "List[bool]")
 _LIST_TYPE = re.compile(r"^list\[(int|float|bool)\]$", re.IGNORECASE)
+_UNQUOTED_LIST_TYPE = re.compile(r"(\btype\s*:\s*)(List\[\s*\w+\s*\])", re.IGNORECASE)
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _URL_PATH = re.compile(r"^[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*$")
 
@@ -154,13 +155,18 @@ class PolicySpec:
 def load_spec(path: Path) -> PolicySpec:
     """Read and validate one schema.yaml."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(path, "file", f"cannot be read ({exc.strerror})", "check the path and its permissions") from None
-    return parse_spec(text, path)
+    return parse_spec(data, path)
 
 
-def parse_spec(text: str, path: Path) -> PolicySpec:
+def parse_spec(data: bytes, path: Path) -> PolicySpec:
+    """Validate schema.yaml's bytes; `path` is only named in errors and names the policy."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "file", f"is not UTF-8 text (byte {exc.start})", "save it as UTF-8") from None
     document = _read_yaml(text, path)
     reader = _Reader(path)
     reader.known_keys(document, "", ("name", "parameters", "observations", "actions", "action_mask", "model", "serving"))
@@ -193,7 +199,7 @@ def parse_spec(text: str, path: Path) -> PolicySpec:
 
 def _read_yaml(text: str, path: Path) -> dict[str, Any]:
     try:
-        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+        documents = [doc for doc in yaml.safe_load_all(_quote_list_types(text)) if doc is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "somewhere"
@@ -202,6 +208,12 @@ def _read_yaml(text: str, path: Path) -> dict[str, Any]:
     if len(documents) != 1 or not isinstance(documents[0], dict):
         raise ConfigError(path, "yaml", "must hold one mapping with a 'parameters' key", "see examples/mouse_and_cheese/schema.yaml")
     return documents[0]
+
+
+def _quote_list_types(text: str) -> str:
+    """`{type: List[bool]}` is invalid YAML (a '[' inside a flow mapping), yet it is how people
+    write a one-line observation, DESIGN.md's example included: quote such type strings."""
+    return _UNQUOTED_LIST_TYPE.sub(r'\1"\2"', text)
 
 
 class _Reader:
