@@ -1,8 +1,8 @@
-"""`python generate.py COMMAND`: copy_server_files, clean, validate, openapi, serve (`--help` on each)."""
+"""`python generate.py COMMAND`: copy_server_files, clean, validate, openapi, clients, serve (`--help` on each)."""
 
 import fire
 
 from policy_server.cli import Commands
 
 if __name__ == "__main__":
-    fire.Fire(Commands)
+    fire.Fire(Commands())

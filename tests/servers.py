@@ -1,0 +1,124 @@
+"""Helpers for tests that run the real thing: `uvicorn app:app` or `python generate.py` as subprocesses.
+
+Every process started here is stopped in a `finally`; the network is 127.0.0.1 only.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+GENERATE = REPO / "generate.py"
+START_TIMEOUT_S = 90.0
+SERVER_CACHE = tempfile.mkdtemp(prefix="policy-server-test-cache-")
+STOP_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The test process's environment without any POLICY_SERVER_* override, the repo importable."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("POLICY_SERVER_")}
+    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["POLICY_SERVER_SDKS"] = "on-request"  # no Java generating SDKs behind every test server
+    env["POLICY_SERVER_CACHE_DIR"] = SERVER_CACHE
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Server:
+    """A running server process; `log` (stdout and stderr together) and `returncode` are set once it stopped."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    log: str = ""
+    returncode: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def read_log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+def uvicorn_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def serve_command(directory: Path, port: int) -> list[str]:
+    return [sys.executable, str(GENERATE), "serve", "--directory", str(directory), "--port", str(port)]
+
+
+@contextmanager
+def running_server(
+    command: Sequence[str], port: int, *, cwd: Path, env: Mapping[str, str] | None = None, ready_path: str = "/ready"
+) -> Iterator[Server]:
+    """Start `command` (listening on 127.0.0.1:`port`), wait until `ready_path` answers 200, yield it,
+    then stop it with SIGTERM (SIGKILL if it hangs) and keep its log and return code on the `Server`."""
+    log_file = tempfile.NamedTemporaryFile(prefix="policy-server-", suffix=".log", delete=False)  # noqa: SIM115
+    log_path = Path(log_file.name)
+    process = subprocess.Popen(list(command), cwd=cwd, env=clean_env(env), stdout=log_file, stderr=subprocess.STDOUT)
+    server = Server(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+    try:
+        _wait_ready(server, ready_path)
+        yield server
+    finally:
+        server.returncode = stop(process)
+        log_file.close()
+        server.log = server.read_log()
+        log_path.unlink(missing_ok=True)
+
+
+def stop(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, then wait; SIGKILL if it does not end. Returns the exit code (negative: killed)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return int(process.returncode)
+
+
+def _wait_ready(server: Server, ready_path: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with httpx.Client(base_url=server.url, timeout=5.0) as client:
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {server.process.returncode} before it was ready:\n{server.read_log()}")
+            try:
+                if client.get(ready_path).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError(f"the server was not ready within {START_TIMEOUT_S} s:\n{server.read_log()}")
+
+
+def run(
+    command: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """Run a command to its end (killed after `timeout`), capturing stdout and stderr apart."""
+    return subprocess.run(list(command), cwd=cwd, env=clean_env(env), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def generate(*args: str, cwd: Path = REPO, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python generate.py ARGS...`."""
+    return run([sys.executable, str(GENERATE), *args], cwd=cwd, env=env)
