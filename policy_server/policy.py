@@ -23,6 +23,8 @@ logger = logging.getLogger("policy_server")
 
 Model = Callable[[np.ndarray], list[np.ndarray]]
 _HUGE = 1e300
+# exp() of a log-std above ~709 overflows; a std of e^20 (5e8) already means "anything goes".
+LOG_STD_RANGE = (-20.0, 20.0)
 
 
 class Kind(enum.Enum):
@@ -69,6 +71,7 @@ class ModelInfo:
     device: str = "cpu"
     declared_input_size: int | None = None  # what the file itself says it takes
     declared_size_is_exact: bool = True  # False: read off the first layer, a guess
+    sha256: str = ""
 
     @property
     def name(self) -> str:
@@ -108,6 +111,7 @@ class Policy:
         return {
             "model": self.info.name,
             "format": self.info.format,
+            "sha256": self.info.sha256,
             "device": self.info.device,
             "input_size": self.input_size,
             "heads": [describe_head(head) for head in self.heads],
@@ -145,7 +149,8 @@ class Policy:
                 parameters.append(HeadParameters(head, probabilities=masked_softmax(values, head_mask)))
                 discrete_index += 1
             elif slot.has_log_std:
-                parameters.append(HeadParameters(head, mean=values[:, : head.size], std=np.exp(values[:, head.size :])))
+                log_std = np.clip(values[:, head.size :], *LOG_STD_RANGE)
+                parameters.append(HeadParameters(head, mean=values[:, : head.size], std=np.exp(log_std)))
             else:
                 parameters.append(HeadParameters(head, mean=values))
         return parameters
