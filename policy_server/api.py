@@ -10,22 +10,26 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import FileResponse, RedirectResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from policy_server import __version__
 from policy_server.auth import api_key_dependency
+from policy_server.clients import LANGUAGES, ClientSDKError, ClientSDKs, SDKsNotReady, UnknownLanguage
 from policy_server.docs import add_offline_docs
 from policy_server.errors import InputError, PolicyFailure
 from policy_server.executors import Executor
+from policy_server.metrics import Metrics, RequestMetrics
 from policy_server.middleware import CanonicalPath, RequestBodyGuard
 from policy_server.observations import (
     Distribution,
@@ -49,14 +53,49 @@ Seed = Annotated[
 ]
 
 
-def json_response(content: Any, status_code: int = 200) -> Response:
+class ErrorDetail(BaseModel):
+    detail: str
+
+
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorDetail, "description": "No api key sent"},
+    403: {"model": ErrorDetail, "description": "Wrong api key"},
+}
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What a route needs for auth: the dependency, and the answers it adds to the docs."""
+
+    dependencies: list[Any]
+    responses: dict[int | str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class SDKOptions:
+    cache_dir: Path
+    in_background: bool = True  # False: generate on the first request for them
+
+
+def json_response(content: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     """Serialise once with the stdlib: the answers are plain lists and floats already."""
-    return Response(json.dumps(content, separators=(",", ":"), allow_nan=False), status_code=status_code, media_type="application/json")
+    body = json.dumps(content, separators=(",", ":"), allow_nan=False)
+    return Response(body, status_code=status_code, headers=headers, media_type="application/json")
 
 
-def create_app(spec: PolicySpec, executor: Executor, *, api_key: str | None, max_body_bytes: int) -> FastAPI:
-    """The whole HTTP surface of one policy. `api_key=None` serves without auth (logged)."""
+def create_app(
+    spec: PolicySpec,
+    executor: Executor,
+    *,
+    api_key: str | None,
+    max_body_bytes: int,
+    metrics: Metrics | None = None,
+    sdks: SDKOptions | None = None,
+) -> FastAPI:
+    """The whole HTTP surface of one policy. `api_key=None` serves without auth (logged);
+    `metrics=None` serves no /metrics and counts nothing; `sdks=None` serves no /clients."""
     started = time.time()
+    client_sdks: list[ClientSDKs] = []  # made in the lifespan, once the spec has every route
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -72,7 +111,16 @@ def create_app(spec: PolicySpec, executor: Executor, *, api_key: str | None, max
             info["replicas"],
             info["device"],
         )
+        if metrics is not None:
+            metrics.describe_model(info)
+            metrics.warn_if_counts_split()
+        if sdks is not None:
+            client_sdks.append(ClientSDKs(app.openapi(), spec.name, sdks.cache_dir))
+            if sdks.in_background:
+                await client_sdks[0].start()
         yield
+        for generator in client_sdks:
+            await generator.stop()
         await executor.stop()
 
     app = FastAPI(
@@ -85,15 +133,32 @@ def create_app(spec: PolicySpec, executor: Executor, *, api_key: str | None, max
         redoc_url=None,
     )
     add_offline_docs(app)
-    auth = [Depends(api_key_dependency(api_key))] if api_key is not None else []
+    auth = Guard([Depends(api_key_dependency(api_key))], AUTH_ERRORS) if api_key is not None else Guard([], {})
+    count_actions = metrics.count_actions if metrics is not None else _count_nothing
     if spec.observations is not None:
-        _add_observation_routes(app, spec, executor, auth)
-    _add_raw_route(app, spec, executor, auth)
+        _add_observation_routes(app, spec, executor, auth, count_actions)
+    _add_raw_route(app, spec, executor, auth, count_actions)
     _add_service_routes(app, spec, executor, auth, api_key is not None, started)
+    if sdks is not None:
+        _add_client_routes(app, spec, auth, client_sdks)
     _add_error_handlers(app)
     app.add_middleware(RequestBodyGuard, max_bytes=max_body_bytes)
-    app.add_middleware(CanonicalPath, prefix=spec.url_path)
+    if metrics is not None:
+        _add_metrics_route(app, metrics)
+        app.add_middleware(RequestMetrics, metrics=metrics, routes=frozenset(route.path for route in app.routes))
+    app.add_middleware(CanonicalPath, prefix=spec.url_path)  # outermost: everything inside sees canonical paths
     return app
+
+
+def _count_nothing(actions: Sequence[Sequence[Any]]) -> None:
+    pass
+
+
+def _add_metrics_route(app: FastAPI, metrics: Metrics) -> None:
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
 
 def _description(spec: PolicySpec, auth: bool) -> str:
@@ -113,7 +178,10 @@ def _decision(decisions: Decisions, row: int) -> dict[str, Any]:
     return {"actions": decisions.actions[row], "probability": decisions.probabilities[row]}
 
 
-def _add_observation_routes(app: FastAPI, spec: PolicySpec, executor: Executor, auth: list[Any]) -> None:
+CountActions = Callable[[Sequence[Sequence[Any]]], None]
+
+
+def _add_observation_routes(app: FastAPI, spec: PolicySpec, executor: Executor, auth: Guard, count_actions: CountActions) -> None:
     Observation = observation_model(spec)
     Decision = decision_model(spec)
     ObservationBatch = batch_model(Observation)
@@ -124,6 +192,7 @@ def _add_observation_routes(app: FastAPI, spec: PolicySpec, executor: Executor, 
         async def endpoint(observation: Observation, seed: Seed = None) -> Response:  # type: ignore[valid-type]
             result = await executor.run(Task(encoder.encode([observation]), kind, seed))
             if isinstance(result, Decisions):
+                count_actions(result.actions)
                 return json_response(_decision(result, 0))
             return json_response({"heads": result[0]})
 
@@ -132,7 +201,8 @@ def _add_observation_routes(app: FastAPI, spec: PolicySpec, executor: Executor, 
             operation_id=path.strip("/"),
             summary=summary,
             response_model=response_model,
-            dependencies=auth,
+            dependencies=auth.dependencies,
+            responses=auth.responses,
             tags=["policy"],
             openapi_extra={"requestBody": {"content": {"application/json": {"example": example}}}},
         )(endpoint)
@@ -146,7 +216,8 @@ def _add_observation_routes(app: FastAPI, spec: PolicySpec, executor: Executor, 
         operation_id="predict_batch",
         summary="Actions for many observations in one call, answered in order",
         response_model=batch_decisions_model(Decision),
-        dependencies=auth,
+        dependencies=auth.dependencies,
+        responses=auth.responses,
         tags=["policy"],
         openapi_extra={"requestBody": {"content": {"application/json": {"example": {"observations": [example, example]}}}}},
     )
@@ -161,31 +232,48 @@ def _add_observation_routes(app: FastAPI, spec: PolicySpec, executor: Executor, 
         kind = Kind.DETERMINISTIC if deterministic else Kind.SAMPLE
         decisions = await executor.run(Task(encoder.encode(observations), kind, seed))
         assert isinstance(decisions, Decisions)
+        count_actions(decisions.actions)
         return json_response({"results": [_decision(decisions, row) for row in range(len(observations))]})
 
 
-def _add_raw_route(app: FastAPI, spec: PolicySpec, executor: Executor, auth: list[Any]) -> None:
+def _add_raw_route(app: FastAPI, spec: PolicySpec, executor: Executor, auth: Guard, count_actions: CountActions) -> None:
     @app.post(
         "/predict_raw",
         operation_id="predict_raw",
         summary="Sample an action for a raw input vector",
         response_model=decision_model(spec),
-        dependencies=auth,
+        dependencies=auth.dependencies,
+        responses=auth.responses,
         tags=["policy"],
     )
     async def predict_raw(body: RawObservation, seed: Seed = None) -> Response:
         decisions = await executor.run(Task(raw_rows(body), Kind.SAMPLE, seed))
         assert isinstance(decisions, Decisions)
+        count_actions(decisions.actions)
         return json_response(_decision(decisions, 0))
 
 
-def _add_service_routes(app: FastAPI, spec: PolicySpec, executor: Executor, auth: list[Any], auth_on: bool, started: float) -> None:
-    @app.get("/schema", operation_id="schema", summary="The schema, without the api key", dependencies=auth, tags=["service"])
+def _add_service_routes(app: FastAPI, spec: PolicySpec, executor: Executor, auth: Guard, auth_on: bool, started: float) -> None:
+    @app.get(
+        "/schema",
+        operation_id="schema",
+        summary="The schema, without the api key",
+        dependencies=auth.dependencies,
+        responses=auth.responses,
+        tags=["service"],
+    )
     async def schema() -> Response:
         policy = executor.describe() if executor.ready else {}
         return json_response(spec.public_dict() | {"input_size": policy.get("input_size", spec.input_size), "actions": policy.get("heads")})
 
-    @app.get("/info", operation_id="info", summary="What is served, and where", dependencies=auth, tags=["service"])
+    @app.get(
+        "/info",
+        operation_id="info",
+        summary="What is served, and where",
+        dependencies=auth.dependencies,
+        responses=auth.responses,
+        tags=["service"],
+    )
     async def info() -> Response:
         policy = executor.describe() if executor.ready else {"backend": executor.backend}
         details = {"name": spec.name, "version": __version__, "auth": "on" if auth_on else "off", "ready": executor.ready}
@@ -206,13 +294,59 @@ def _add_service_routes(app: FastAPI, spec: PolicySpec, executor: Executor, auth
         return RedirectResponse("/docs")
 
 
+def _add_client_routes(app: FastAPI, spec: PolicySpec, auth: Guard, client_sdks: list[ClientSDKs]) -> None:
+    async def archive(language: str | None) -> Response:
+        if not client_sdks:
+            return json_response({"detail": "The server is still starting; retry shortly."}, status_code=503)
+        await client_sdks[0].start()  # at once if already started or generated
+        try:
+            path = client_sdks[0].archive(language)
+        except UnknownLanguage as exc:
+            return json_response({"detail": str(exc)}, status_code=404)
+        except SDKsNotReady as exc:
+            return json_response({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
+        except ClientSDKError as exc:  # no Java, or the generator failed (logged): the server is fine
+            return json_response({"detail": str(exc)}, status_code=503)
+        return FileResponse(path, media_type="application/zip", filename=f"{spec.name}-{language or 'clients'}.zip")
+
+    zip_responses: dict[int | str, dict[str, Any]] = {
+        200: {"content": {"application/zip": {}}, "description": "A zip of the SDKs"},
+        404: {"model": ErrorDetail, "description": "No SDK for that language; the detail lists the languages"},
+        503: {"model": ErrorDetail, "description": "Being generated (see Retry-After), or no Java runtime to generate with"},
+    }
+
+    @app.get(
+        "/clients",
+        operation_id="clients",
+        summary=f"SDKs for {', '.join(LANGUAGES)}, one zip",
+        dependencies=auth.dependencies,
+        tags=["service"],
+        response_class=Response,
+        responses=auth.responses | zip_responses,
+    )
+    async def all_clients() -> Response:
+        return await archive(None)
+
+    @app.get(
+        "/clients/{language}",
+        operation_id="client",
+        summary="The SDK for one language, a zip",
+        dependencies=auth.dependencies,
+        tags=["service"],
+        response_class=Response,
+        responses=auth.responses | zip_responses,
+    )
+    async def one_client(language: str) -> Response:
+        return await archive(language)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     async def input_error(request: Request, exc: InputError) -> Response:
         return json_response({"detail": exc.as_detail()}, status_code=422)
 
     async def policy_failure(request: Request, exc: PolicyFailure) -> Response:
         return json_response(
-            {"detail": f"The policy failed on this request; the server log holds the traceback under error id {exc.error_id}."},
+            {"detail": f"The policy failed on this request; the server log has the details under error id {exc.error_id}."},
             status_code=500,
         )
 
@@ -222,6 +356,10 @@ def _add_error_handlers(app: FastAPI) -> None:
             detail = f"No route {request.method} {request.url.path}: the routes are listed at /docs."
         elif exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}: see /docs for the method to use."
+        elif exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI answers 400 when the body is not UTF-8, 422 for every other broken JSON: one answer for both.
+            msg = "the body is not UTF-8 encoded JSON"
+            return json_response({"detail": [{"loc": ["body"], "msg": msg, "type": "json_invalid"}]}, status_code=422)
         return Response(json.dumps({"detail": detail}), status_code=exc.status_code, headers=exc.headers, media_type="application/json")
 
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:

@@ -4,9 +4,12 @@ import json
 import os
 import shutil
 import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from policy_server.clients import LANGUAGES, ClientSDKError, write_clients
 from policy_server.errors import ConfigError
 from policy_server.loading import SCHEMA_FILE, load_policy, load_policy_spec
 from policy_server.observations import RowEncoder, example_observation, observation_model
@@ -75,25 +78,67 @@ class Commands:
 
     def openapi(self, directory: str = ".", out: str = "openapi.json") -> None:
         """Write the OpenAPI spec of the policy in `directory` to `out`."""
-        from policy_server.server import build_app
-
-        try:
-            app = build_app(_settings(directory))
-        except ConfigError as error:
-            _fail(f"invalid: {error}")
-        Path(out).write_text(json.dumps(app.openapi(), indent=2) + "\n")
+        spec, _ = _openapi(directory)
+        Path(out).write_text(json.dumps(spec, indent=2) + "\n")
         print(f"wrote {out}")
 
+    def clients(self, languages: str | Sequence[str] = ",".join(LANGUAGES), out: str = "clients", directory: str = ".") -> None:
+        """Generate the client SDKs of the policy in `directory` (what GET /clients serves), offline.
+
+        Needs a Java runtime (JRE 11+). Each language becomes a folder and a zip in `out`.
+
+        Args:
+            languages: comma-separated, of python,java,scala,r (default: all four)
+            out: the folder to write them to (default: clients/)
+            directory: the folder with schema.yaml and models/ (default: here)
+        """
+        chosen = [name.strip() for name in languages.split(",")] if isinstance(languages, str) else [str(name) for name in languages]
+        unknown = [name for name in chosen if name not in LANGUAGES]
+        if unknown or not chosen:
+            _fail(f"unknown language(s) {', '.join(unknown)}; fix: choose from {','.join(LANGUAGES)}")
+        spec, name = _openapi(directory)
+        try:
+            folders = write_clients(spec, name, chosen, Path(out))
+        except ClientSDKError as error:
+            _fail(str(error))
+        for folder in folders:
+            print(f"wrote {folder}/ and {folder}.zip")
+
     def serve(
-        self, directory: str = ".", host: str = "127.0.0.1", port: int = 8000, backend: str | None = None, log_level: str = "info"
+        self,
+        directory: str = ".",
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        workers: int = 1,
+        backend: str | None = None,
+        log_level: str = "info",
     ) -> None:
-        """Serve the policy in `directory` (the same as `uvicorn app:app`, from anywhere)."""
+        """Serve the policy in `directory` (the same as `uvicorn app:app`, from anywhere).
+
+        Args:
+            workers: uvicorn worker processes; with more than one, /metrics sums them all
+        """
         import uvicorn
 
         os.environ["POLICY_SERVER_DIR"] = str(Path(directory).resolve())
         if backend is not None:
             os.environ["POLICY_SERVER_BACKEND"] = backend
-        uvicorn.run("policy_server.server:app_from_environment", factory=True, host=host, port=port, log_level=log_level)
+        if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="policy-server-metrics-")
+        uvicorn.run("policy_server.server:app_from_environment", factory=True, host=host, port=port, workers=workers, log_level=log_level)
+
+
+def _openapi(directory: str) -> tuple[dict[str, Any], str]:
+    """The OpenAPI spec of the app serving `directory`, and the policy's name; exit 1 with one line if the folder is invalid."""
+    from policy_server.server import build_app
+
+    settings = _settings(directory)
+    try:
+        app = build_app(settings)
+        name = load_policy_spec(settings.policy_dir).name
+    except ConfigError as error:
+        _fail(f"invalid: {error}")
+    return app.openapi(), name
 
 
 def _settings(directory: str) -> Settings:

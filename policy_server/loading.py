@@ -46,5 +46,6 @@ def load_policy(policy_dir: Path, spec: PolicySpec) -> Policy:
         device=runtime.device,
         declared_input_size=runtime.input_size,
         declared_size_is_exact="torchscript" not in runtime.format,
+        sha256=runtime.sha256,
     )
     return build_policy(spec, runtime, info)

@@ -5,6 +5,7 @@ policies are) and `saved_model.zip` (a bundle holding one of them, optionally wi
 Nothing here knows about schemas or HTTP.
 """
 
+import hashlib
 import io
 import logging
 import warnings
@@ -35,6 +36,7 @@ class Runtime:
     forward: Callable[[torch.Tensor], Any]
     input_size: int | None
     device: str = "cpu"
+    sha256: str = ""  # of the file as served, so /info tells which model answers
 
     def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
         with torch.inference_mode():
@@ -92,13 +94,21 @@ def _bundle_members(archive: zipfile.ZipFile) -> list[str]:
 
 
 def load_runtime(path: Path) -> Runtime:
-    if path.suffix == ".zip":
-        return _load_bundle(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(path, "model", f"cannot be read ({exc.strerror})", "check the file's permissions") from None
-    return _load_bytes(path, path.suffix, data)
+    runtime = _load_bundle(path) if path.suffix == ".zip" else _load_bytes(path, path.suffix, data)
+    runtime.sha256 = hashlib.sha256(data).hexdigest()
+    return runtime
+
+
+def gpu_memory(device: str) -> dict[str, int] | None:
+    """Bytes allocated by torch and the card's total, for /info; None on the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    index = torch.device(device).index or 0
+    return {"used_bytes": torch.cuda.memory_allocated(index), "total_bytes": torch.cuda.get_device_properties(index).total_memory}
 
 
 def _load_bytes(path: Path, suffix: str, data: bytes) -> Runtime:

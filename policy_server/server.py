@@ -13,17 +13,20 @@ from policy_server.errors import ConfigError
 from policy_server.executors import Executor
 from policy_server.executors.local import LocalExecutor
 from policy_server.loading import load_policy, load_policy_spec
+from policy_server.metrics import Metrics
 from policy_server.schema import PolicySpec
 from policy_server.settings import Settings
 
 
 def build_app(settings: Settings) -> FastAPI:
-    from policy_server.api import create_app  # the HTTP layer sits on top; nothing below imports it
+    from policy_server.api import SDKOptions, create_app  # the HTTP layer sits on top; nothing below imports it
 
     spec = load_policy_spec(settings.policy_dir)
     api_key = _api_key(spec, settings)
-    executor = create_executor(spec, settings)
-    return create_app(spec, executor, api_key=api_key, max_body_bytes=settings.max_body_bytes)
+    metrics = Metrics() if settings.metrics_enabled else None
+    executor = create_executor(spec, settings, metrics)
+    sdks = SDKOptions(settings.sdk_cache_dir, settings.sdks_in_background)
+    return create_app(spec, executor, api_key=api_key, max_body_bytes=settings.max_body_bytes, metrics=metrics, sdks=sdks)
 
 
 def _api_key(spec: PolicySpec, settings: Settings) -> str | None:
@@ -40,7 +43,7 @@ def _api_key(spec: PolicySpec, settings: Settings) -> str | None:
     return key
 
 
-def create_executor(spec: PolicySpec, settings: Settings) -> Executor:
+def create_executor(spec: PolicySpec, settings: Settings, metrics: Metrics | None = None) -> Executor:
     backend = settings.backend or spec.serving.backend
     if backend != "local":
         raise ConfigError(
@@ -50,7 +53,8 @@ def create_executor(spec: PolicySpec, settings: Settings) -> Executor:
             "use 'local' (or unset POLICY_SERVER_BACKEND)",
         )
     policy = load_policy(settings.policy_dir, spec)
-    return LocalExecutor(policy, spec.serving.max_batch_size, spec.serving.batch_wait_ms, settings.torch_threads)
+    observe_batch = metrics.observe_batch if metrics is not None else None
+    return LocalExecutor(policy, spec.serving.max_batch_size, spec.serving.batch_wait_ms, settings.torch_threads, observe_batch)
 
 
 def app_from_environment() -> FastAPI:

@@ -20,6 +20,9 @@ class Settings:
     backend: str | None = None  # overrides serving.backend
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     torch_threads: int = 1
+    metrics_enabled: bool = True
+    sdk_cache_dir: Path = field(default_factory=lambda: _user_cache() / "clients")
+    sdks_in_background: bool = True  # False: generate the SDKs on the first /clients request
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -31,7 +34,17 @@ class Settings:
             backend=env.get("POLICY_SERVER_BACKEND") or None,
             max_body_bytes=_positive_int(env, "POLICY_SERVER_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
             torch_threads=_positive_int(env, "POLICY_SERVER_TORCH_THREADS", 1),
+            metrics_enabled=env.get("POLICY_SERVER_METRICS", "on").strip().lower() != "off",
+            sdk_cache_dir=Path(env["POLICY_SERVER_CACHE_DIR"]) / "clients"
+            if env.get("POLICY_SERVER_CACHE_DIR")
+            else _user_cache() / "clients",
+            sdks_in_background=env.get("POLICY_SERVER_SDKS", "background").strip().lower() != "on-request",
         )
+
+
+def _user_cache() -> Path:
+    """Outside the policy folder, which may be read-only (a container image, a mounted volume)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "policy-server"
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:

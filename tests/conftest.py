@@ -83,7 +83,9 @@ def make_policy_dir(tmp_path: Path) -> MakePolicyDir:
 
 
 def settings_for(folder: Path, **overrides: object) -> Settings:
-    return Settings(policy_dir=folder, **overrides)  # type: ignore[arg-type]
+    """Settings for a test app: SDKs only on request, cached beside the policy folder."""
+    defaults: dict[str, object] = {"sdks_in_background": False, "sdk_cache_dir": folder.parent / "sdk-cache"}
+    return Settings(policy_dir=folder, **(defaults | overrides))  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -12,7 +12,9 @@ loop costs tens of microseconds, which is the whole budget of a small policy.
 
 import asyncio
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch
 
 from policy_server.errors import InputError, PolicyFailure
 from policy_server.policy import Policy, Result, Task
+from policy_server.runtimes import gpu_memory
 
 logger = logging.getLogger("policy_server")
 
@@ -29,8 +32,16 @@ _Pending = tuple[Task, "asyncio.Future[Result]"]
 class LocalExecutor:
     backend = "local"
 
-    def __init__(self, policy: Policy, max_batch_size: int = 64, batch_wait_ms: float = 0.0, torch_threads: int = 1) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        max_batch_size: int = 64,
+        batch_wait_ms: float = 0.0,
+        torch_threads: int = 1,
+        observe_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
         self.policy = policy
+        self.observe_batch = observe_batch  # (rows, seconds) of each batch, for the metrics
         self.max_batch_rows = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000
         self.torch_threads = torch_threads
@@ -82,7 +93,8 @@ class LocalExecutor:
         return await future
 
     def describe(self) -> dict[str, Any]:
-        return self.policy.describe() | {"backend": self.backend, "replicas": 1}
+        info = self.policy.describe()
+        return info | {"backend": self.backend, "replicas": 1, "gpu_memory": gpu_memory(info["device"])}
 
     def _dispatch(self) -> None:
         """Hand the next batch to the worker (on the event loop; `_busy` is already set)."""
@@ -106,8 +118,11 @@ class LocalExecutor:
 
     def _compute(self, batch: list[_Pending]) -> None:
         """On the worker thread: one forward pass for the batch, results back to the loop."""
+        started = time.perf_counter()
         try:
             results: list[Result | PolicyFailure] = list(self.policy.run([task for task, _ in batch]))
+            if self.observe_batch is not None:
+                self.observe_batch(sum(len(task.rows) for task, _ in batch), time.perf_counter() - started)
         except Exception:
             error_id = uuid.uuid4().hex[:12]
             logger.exception("the policy failed on a batch of %d requests (error id %s)", len(batch), error_id)

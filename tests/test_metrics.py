@@ -1,0 +1,95 @@
+"""/metrics after known traffic: exact counts, histogram counts, labels; no key; workers summed."""
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from conftest import API_KEY, AUTH, MOUSE_OBSERVATION, MakePolicyDir, constant_logits
+from fastapi.testclient import TestClient
+from servers import free_port, running_server, serve_command
+
+MASKED_SCHEMA = """\
+parameters: {discrete: true, tuple: true, api_key: "1234567asdfgh"}
+observations:
+  x: {type: float}
+  actionMask: {type: List[bool], min_items: 5, max_items: 5}
+actions:
+  - {name: machine, n: 2, labels: [a, b]}
+  - {name: speed, n: 3, labels: [slow, normal, fast]}
+"""
+
+
+def sample_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """The value of one sample line of the Prometheus text format (0 if absent)."""
+    wanted = labels or {}
+    for line in text.splitlines():
+        match = re.fullmatch(r"([a-z_:]+)(?:\{(.*)\})? (\S+)", line)
+        if not match or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+        if all(found.get(k) == v for k, v in wanted.items()) and len(found) == len(wanted):
+            return float(match.group(3))
+    return 0.0
+
+
+def test_counts_after_known_traffic(serve: Callable[..., TestClient], make_policy_dir: MakePolicyDir) -> None:
+    # Deterministic decisions: machine b (logit 5) and speed fast, unless the mask forbids them.
+    folder = make_policy_dir(MASKED_SCHEMA, constant_logits(6, [0.0, 5.0, 0.0, 1.0, 5.0]), 6)
+    client = serve(folder)
+    everything = {"x": 0.0, "actionMask": [True, True, True, True, True]}
+    no_fast = {"x": 0.0, "actionMask": [True, True, True, True, False]}
+    for _ in range(3):
+        assert client.post("/predict_deterministic", json=everything, headers=AUTH).status_code == 200
+    assert client.post("/predict_deterministic/", json=no_fast, headers=AUTH).status_code == 200
+    batch = client.post("/predict_batch?deterministic=true", json={"observations": [everything, no_fast]}, headers=AUTH)
+    assert batch.status_code == 200
+    assert client.post("/predict", json={"x": 1.0}, headers=AUTH).status_code == 422
+    assert client.post("/predict", json=everything).status_code == 401
+    for _ in range(4):
+        client.get("/health")
+        client.get("/metrics")
+    client.get("/no-such-route")
+
+    text = client.get("/metrics").text
+    assert sample_value(text, "policy_server_requests_total", {"route": "/predict_deterministic", "status": "200"}) == 4
+    assert sample_value(text, "policy_server_requests_total", {"route": "/predict_batch", "status": "200"}) == 1
+    assert sample_value(text, "policy_server_requests_total", {"route": "/predict", "status": "422"}) == 1
+    assert sample_value(text, "policy_server_requests_total", {"route": "/predict", "status": "401"}) == 1
+    assert sample_value(text, "policy_server_requests_total", {"route": "other", "status": "404"}) == 1
+    assert 'route="/health"' not in text and 'route="/metrics"' not in text
+    assert sample_value(text, "policy_server_request_duration_seconds_count", {"route": "/predict_deterministic"}) == 4
+    # Forward passes: 4 single requests and one batch of 2 (the 422 and 401 never reach the model).
+    assert sample_value(text, "policy_server_batch_size_count") == 5
+    assert sample_value(text, "policy_server_batch_size_sum") == 6
+    assert sample_value(text, "policy_server_inference_duration_seconds_count") == 5
+    assert sample_value(text, "policy_server_actions_total", {"head": "machine", "action": "b"}) == 6
+    assert sample_value(text, "policy_server_actions_total", {"head": "speed", "action": "fast"}) == 4
+    assert sample_value(text, "policy_server_actions_total", {"head": "speed", "action": "normal"}) == 2
+    assert sample_value(text, "policy_server_actions_total", {"head": "speed", "action": "slow"}) == 0
+    info = {"name": "model.pt2", "format": "torch.export", "backend": "local", "device": "cpu"}
+    assert sample_value(text, "policy_server_model_info", info) == 1
+    assert API_KEY not in text
+
+
+def test_metrics_off(serve: Callable[..., TestClient], mouse_dir: Path) -> None:
+    client = serve(mouse_dir, metrics_enabled=False)
+    assert client.post("/predict", json=MOUSE_OBSERVATION, headers=AUTH).status_code == 200
+    assert client.get("/metrics").status_code == 404
+
+
+def test_several_workers_are_summed(mouse_dir: Path, tmp_path: Path) -> None:
+    """`generate.py serve --workers 2`: whichever worker answers /metrics, it counts both."""
+    port = free_port()
+    command = [*serve_command(mouse_dir, port), "--workers", "2"]
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    with running_server(command, port, cwd=mouse_dir, env={"PROMETHEUS_MULTIPROC_DIR": str(shared)}) as server:
+        for _ in range(40):  # a new connection each time, so both workers take some
+            assert httpx.post(f"{server.url}/predict", json=MOUSE_OBSERVATION, headers=AUTH).status_code == 200
+        scrapes = [httpx.get(f"{server.url}/metrics").text for _ in range(8)]
+    workers_that_counted = {path.stem.rsplit("_", 1)[-1] for path in shared.glob("counter_*.db")}
+    assert len(workers_that_counted) == 2
+    for text in scrapes:
+        assert sample_value(text, "policy_server_requests_total", {"route": "/predict", "status": "200"}) == 40
+        assert sample_value(text, "policy_server_batch_size_sum") == 40
