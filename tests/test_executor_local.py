@@ -106,20 +106,22 @@ async def _started(executor: LocalExecutor) -> RecordingModel:
     return recorder
 
 
+async def _all_at_once(executor: LocalExecutor, tasks: list[Task]) -> tuple[list[Result], RecordingModel]:
+    """Start the executor, submit every task concurrently, stop it; the results and the passes seen."""
+    recorder = await _started(executor)
+    try:
+        results = await asyncio.gather(*(executor.run(task) for task in tasks))
+    finally:
+        await executor.stop()
+    return list(results), recorder
+
+
 def test_concurrent_requests_are_coalesced(policy: Policy) -> None:
     tasks = _tasks(64)
     expected = [_alone(policy, task) for task in tasks]
     executor = LocalExecutor(policy, max_batch_size=64)
 
-    async def scenario() -> tuple[list[Result], RecordingModel]:
-        recorder = await _started(executor)
-        try:
-            results = await asyncio.gather(*(executor.run(task) for task in tasks))
-        finally:
-            await executor.stop()
-        return list(results), recorder
-
-    results, recorder = asyncio.run(scenario())
+    results, recorder = asyncio.run(_all_at_once(executor, tasks))
     assert max(recorder.sizes) > 1, recorder.sizes
     assert sum(recorder.sizes) == 64
     assert len(recorder.sizes) < 64
@@ -133,15 +135,7 @@ def test_multi_row_tasks_are_split_back_correctly(policy: Policy) -> None:
     expected = [_alone(policy, task) for task in tasks]
     executor = LocalExecutor(policy, max_batch_size=16)
 
-    async def scenario() -> tuple[list[Result], RecordingModel]:
-        recorder = await _started(executor)
-        try:
-            results = await asyncio.gather(*(executor.run(task) for task in tasks))
-        finally:
-            await executor.stop()
-        return list(results), recorder
-
-    results, recorder = asyncio.run(scenario())
+    results, recorder = asyncio.run(_all_at_once(executor, tasks))
     assert sum(recorder.sizes) == sum(len(task.rows) for task in tasks)
     assert max(recorder.sizes) > 5
     for result, want, task in zip(results, expected, tasks, strict=True):
@@ -157,15 +151,7 @@ def test_max_batch_size_is_respected_except_for_one_big_task(policy: Policy) -> 
     expected = [_alone(policy, task) for task in tasks]
     executor = LocalExecutor(policy, max_batch_size=8)
 
-    async def scenario() -> tuple[list[Result], RecordingModel]:
-        recorder = await _started(executor)
-        try:
-            results = await asyncio.gather(*(executor.run(task) for task in tasks))
-        finally:
-            await executor.stop()
-        return list(results), recorder
-
-    results, recorder = asyncio.run(scenario())
+    results, recorder = asyncio.run(_all_at_once(executor, tasks))
     assert sum(recorder.sizes) == sum(len(task.rows) for task in tasks)
     oversized = [rows for rows in recorder.passes if len(rows) > 8]
     assert len(oversized) == 1
