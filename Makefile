@@ -1,11 +1,12 @@
 # make serve: serve the default example on 127.0.0.1:8000 (creates .venv and installs if missing)
 # make test:  run the whole test suite
+# make bench: the benchmark harness (writes bench/RESULTS.md; run it on an otherwise idle machine)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint format clean
+.PHONY: install serve test bench lint format
 
 install: $(VENV)/.installed
 
@@ -21,6 +22,11 @@ serve: install
 
 test: install
 	$(PY) -m pytest
+
+bench: install
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install -y wrk"; exit 1; }
+	$(PY) bench/run.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,406 @@
+"""The benchmark harness (`make bench`): every configuration as a real server on 127.0.0.1, driven
+by wrk, reported as ratios to a plain FastAPI server measured in the same run.
+
+Each server starts as a subprocess; the harness waits for /ready (that wait is "time to ready"),
+runs each workload with wrk for a fixed duration, reads the whole process tree's RSS, and stops
+it. Results go to bench/results.json, bench/RESULTS.md and assets/bench.png.
+
+    python bench/run.py                      # everything, 10 s per run
+    python bench/run.py --duration 2 --configs reference,local --no-sweep --out /tmp/b
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+MOUSE = REPO / "examples" / "mouse_and_cheese"
+MOUSE_OBSERVATION = {"mouse_row": 0, "mouse_col": 0, "mouse_row_distance": 3, "mouse_col_distance": 2, "cheese_row": 3, "cheese_col": 2}
+API_KEY = "1234567asdfgh"
+BATCH_ROWS = 1024
+SWEEP = (1, 4, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    path: str
+    body: dict[str, object]
+    rows: int  # observations per request
+
+
+@dataclass
+class Config:
+    name: str
+    command: Callable[[int], list[str]]
+    policy: str  # which prepared policy folder it serves ("mouse", "mlp24", ...)
+    env: dict[str, str] = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass
+class Run:
+    config: str
+    workload: str
+    concurrency: int
+    requests_per_s: float
+    observations_per_s: float
+    p50_ms: float
+    p99_ms: float
+    rss_mib: float
+    ready_s: float
+    errors: int
+
+
+# --- policies to serve ------------------------------------------------------------------------
+
+
+def prepare_policies(root: Path) -> dict[str, Path]:
+    """The default example as shipped (.pt2) and as TorchScript, and a 24→64→64→4 MLP in both."""
+    folders = {}
+    mouse_program = torch.export.load(MOUSE / "models" / "model.pt2")
+    mouse_schema = (MOUSE / "schema.yaml").read_text()
+    folders["mouse"] = _policy(root / "mouse", mouse_schema, pt2=MOUSE / "models" / "model.pt2")
+    folders["mouse_ts"] = _policy(root / "mouse_ts", mouse_schema, module=mouse_program.module(), width=6)
+    folders["mouse_nobatch"] = _policy(
+        root / "mouse_nobatch", mouse_schema + "serving: {max_batch_size: 1}\n", pt2=MOUSE / "models" / "model.pt2"
+    )
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(24, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4)
+    ).eval()
+    fields = "".join(f"  x{i}: {{type: float}}\n" for i in range(24))
+    mlp_schema = f"parameters: {{discrete: true, api_key: '{API_KEY}'}}\nobservations:\n{fields}"
+    folders["mlp24"] = _policy(root / "mlp24", mlp_schema, module=mlp, width=24, export=True)
+    folders["mlp24_ts"] = _policy(root / "mlp24_ts", mlp_schema, module=mlp, width=24)
+    return folders
+
+
+def _policy(
+    folder: Path, schema: str, pt2: Path | None = None, module: torch.nn.Module | None = None, width: int = 0, export: bool = False
+) -> Path:
+    (folder / "models").mkdir(parents=True)
+    (folder / "schema.yaml").write_text(schema)
+    if pt2 is not None:
+        shutil.copy(pt2, folder / "models" / "model.pt2")
+    elif export and module is not None:
+        program = torch.export.export(module, (torch.zeros(2, width),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(program, folder / "models" / "model.pt2")
+    elif module is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(torch.jit.trace(module, (torch.zeros(3, width),)), folder / "models" / "model.pt")
+    return folder
+
+
+# --- configurations ---------------------------------------------------------------------------
+
+
+def uvicorn(app: str) -> Callable[[int], list[str]]:
+    return lambda port: [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        app,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+
+
+def configurations() -> list[Config]:
+    ours = uvicorn("app:app")
+    return [
+        Config("reference", uvicorn("reference_server:app"), "mouse_ts", note="plain FastAPI + the TorchScript model, no validation"),
+        Config("raw-asgi", uvicorn("raw_asgi:app"), "mouse", note="bare ASGI, fixed answer: the HTTP ceiling"),
+        Config("local", ours, "mouse", note="ours, defaults (.pt2, batching, metrics)"),
+        Config("local-torchscript", ours, "mouse_ts", note="ours, the model as TorchScript"),
+        Config("local-no-batching", ours, "mouse_nobatch", note="ours, max_batch_size 1"),
+        Config("local-no-metrics", ours, "mouse", {"POLICY_SERVER_METRICS": "off"}, note="ours, POLICY_SERVER_METRICS=off"),
+        Config("reference-mlp24", uvicorn("reference_server:app"), "mlp24_ts", note="reference, 24→64→64→4 MLP"),
+        Config("local-mlp24", ours, "mlp24", note="ours, 24→64→64→4 MLP (.pt2)"),
+    ]
+
+
+def workloads(policy: str) -> list[Workload]:
+    observation = MOUSE_OBSERVATION if policy.startswith("mouse") else {f"x{i}": 0.1 * i for i in range(24)}
+    return [
+        Workload("predict", "/predict", observation, 1),
+        Workload(f"batch{BATCH_ROWS}", "/predict_batch", {"observations": [observation] * BATCH_ROWS}, BATCH_ROWS),
+    ]
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def server(config: Config, folder: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], float]]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLICY_SERVER_")}
+    model = next((folder / "models").glob("model.*"))
+    env |= {
+        "PYTHONPATH": f"{REPO}{os.pathsep}{BENCH}",
+        "POLICY_SERVER_DIR": str(folder),
+        "BENCH_MODEL": str(model),
+        "POLICY_SERVER_SDKS": "on-request",
+    }
+    env |= config.env
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        config.command(port), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        ready_s = _wait_ready(url, process) - started
+        yield url, process, ready_s
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> float:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {process.stderr.read().decode() if process.stderr else ''}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return time.perf_counter()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError("server not ready in 120 s")
+
+
+def wrk(url: str, workload: Workload, concurrency: int, duration: int, scratch: Path) -> dict[str, float]:
+    """One wrk run; its own cost is one thread of the two cores, the same for every configuration."""
+    body = scratch / f"{workload.name}.json"
+    body.write_text(json.dumps(workload.body))
+    script = scratch / f"{workload.name}.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f'wrk.headers["Content-Type"] = "application/json"\nwrk.headers["access-token"] = "{API_KEY}"\n'
+        f'local f = io.open("{body}", "r"); wrk.body = f:read("*a"); f:close()\n'
+    )
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--latency", "-s", str(script), url + workload.path]
+    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=duration + 60).stdout
+    return parse_wrk(output)
+
+
+def parse_wrk(output: str) -> dict[str, float]:
+    def latency(percent: str) -> float:
+        match = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+        if match is None:
+            raise ValueError(f"no {percent}% latency in wrk's output:\n{output}")
+        return float(match.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
+
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    count = int(errors.group(1)) if errors else 0
+    count += sum(int(n) for n in socket_errors.groups()) if socket_errors else 0
+    return {"requests_per_s": float(rate.group(1)) if rate else 0.0, "p50_ms": latency("50"), "p99_ms": latency("99"), "errors": count}
+
+
+def tree_rss_mib(pid: int) -> float:
+    """RSS of a process and all its descendants, from /proc."""
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            total += int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
+            for task in Path(f"/proc/{current}/task").iterdir():
+                stack.extend(int(child) for child in (task / "children").read_text().split())
+        except (OSError, AttributeError):
+            continue
+    return total / 1024
+
+
+def measure(config: Config, folders: dict[str, Path], duration: int, scratch: Path, concurrencies: tuple[int, ...]) -> list[Run]:
+    runs = []
+    with server(config, folders[config.policy]) as (url, process, ready_s):
+        for workload in workloads(config.policy):
+            levels = concurrencies if workload.rows == 1 else (1,)
+            if workload.rows > 1 and config.name == "raw-asgi":
+                continue
+            for concurrency in levels:
+                result = wrk(url, workload, concurrency, duration, scratch)
+                runs.append(
+                    Run(
+                        config=config.name,
+                        workload=workload.name,
+                        concurrency=concurrency,
+                        requests_per_s=result["requests_per_s"],
+                        observations_per_s=result["requests_per_s"] * workload.rows,
+                        p50_ms=result["p50_ms"],
+                        p99_ms=result["p99_ms"],
+                        rss_mib=tree_rss_mib(process.pid),
+                        ready_s=ready_s,
+                        errors=int(result["errors"]),
+                    )
+                )
+                print(
+                    f"{config.name:20} {workload.name:10} c={concurrency:<3} {result['requests_per_s']:9.0f} req/s  p50 {result['p50_ms']:.3f} ms",
+                    flush=True,
+                )
+    return runs
+
+
+# --- reporting --------------------------------------------------------------------------------
+
+
+def reference_for(config: str) -> str:
+    return "reference-mlp24" if config.endswith("mlp24") else "reference"
+
+
+def report(runs: list[Run], configs: list[Config], duration: int) -> str:
+    by_key = {(r.config, r.workload, r.concurrency): r for r in runs}
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Measured {datetime.date.today().isoformat()} by `make bench` (`bench/run.py`), {duration:g} s per run, on {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, torch {torch.__version__}. The load generator is wrk (one thread) on the same machine. "
+        "Ratios compare with the plain-FastAPI reference serving the same model in the same run "
+        "(×reference > 1 is faster for throughput; p50 ratio < 1 is faster for latency).",
+        "",
+        "| config | workload | c | req/s | obs/s | p50 ms | p99 ms | throughput ×reference | p50 ×reference | RSS MiB | ready s | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for run in runs:
+        base = by_key.get((reference_for(run.config), run.workload, run.concurrency))
+        ratio = f"{run.requests_per_s / base.requests_per_s:.2f}" if base and base.requests_per_s else "–"
+        p50 = f"{run.p50_ms / base.p50_ms:.2f}" if base and base.p50_ms else "–"
+        lines.append(
+            f"| {run.config} | {run.workload} | {run.concurrency} | {run.requests_per_s:,.0f} | {run.observations_per_s:,.0f} | {run.p50_ms:.3f} | "
+            f"{run.p99_ms:.3f} | {ratio} | {p50} | {run.rss_mib:.0f} | {run.ready_s:.2f} | {run.errors} |"
+        )
+    lines += ["", "Configurations:", ""] + [f"- `{c.name}`: {c.note}" for c in configs]
+    lines += ["", "## Targets", "", *targets(by_key)]
+    return "\n".join(lines) + "\n"
+
+
+def targets(by_key: dict[tuple[str, str, int], Run]) -> list[str]:
+    def check(label: str, ok: bool | None, figure: str) -> str:
+        verdict = "not measured" if ok is None else ("met" if ok else "**missed**")
+        return f"- {label}: {figure} — {verdict}"
+
+    local32, ref32 = by_key.get(("local", "predict", 32)), by_key.get(("reference", "predict", 32))
+    local1, ref1 = by_key.get(("local", "predict", 1)), by_key.get(("reference", "predict", 1))
+    batch = by_key.get(("local", f"batch{BATCH_ROWS}", 1))
+    local_runs = [r for (name, _, _), r in by_key.items() if name == "local"]
+    rows = []
+    if local32 and ref32:
+        rows.append(
+            check(
+                "local c=32 throughput ≥ 1.0× reference",
+                local32.requests_per_s >= ref32.requests_per_s,
+                f"{local32.requests_per_s / ref32.requests_per_s:.2f}×",
+            )
+        )
+    if local1 and ref1:
+        rows.append(check("local c=1 p50 ≤ 1.2× reference", local1.p50_ms <= 1.2 * ref1.p50_ms, f"{local1.p50_ms / ref1.p50_ms:.2f}×"))
+    if batch:
+        rows.append(
+            check(
+                f"/predict_batch with {BATCH_ROWS} observations ≥ 200,000 obs/s",
+                batch.observations_per_s >= 200_000,
+                f"{batch.observations_per_s:,.0f} obs/s",
+            )
+        )
+    if local_runs:
+        rows.append(
+            check("local RSS ≤ 350 MiB", max(r.rss_mib for r in local_runs) <= 350, f"{max(r.rss_mib for r in local_runs):.0f} MiB")
+        )
+        rows.append(check("local time to ready ≤ 3 s", local_runs[0].ready_s <= 3, f"{local_runs[0].ready_s:.2f} s"))
+    return rows
+
+
+def plot(runs: list[Run], target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for name in ("reference", "local", "local-no-batching", "raw-asgi"):
+        points = sorted((r.concurrency, r.requests_per_s) for r in runs if r.config == name and r.workload == "predict")
+        if len(points) > 1:
+            axes.plot(*zip(*points, strict=True), marker="o", label=name)
+    axes.set(
+        xscale="log",
+        xlabel="concurrent connections",
+        ylabel="requests/s",
+        title="/predict, one observation (2 cores, wrk on the same machine)",
+    )
+    axes.set_xticks(SWEEP, [str(c) for c in SWEEP])
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(target, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--configs", default="", help="comma-separated subset of: " + ", ".join(c.name for c in configurations()))
+    parser.add_argument("--no-sweep", action="store_true", help="only c=1 and c=32 (no throughput-vs-concurrency plot)")
+    parser.add_argument("--out", type=Path, default=BENCH, help="where results.json and RESULTS.md go")
+    parser.add_argument("--plot", type=Path, default=REPO / "assets" / "bench.png")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench: wrk is not installed; fix: apt-get install -y wrk")
+    wanted = set(filter(None, args.configs.split(",")))
+    configs = [c for c in configurations() if not wanted or c.name in wanted]
+    concurrencies = (1, 32) if args.no_sweep else SWEEP
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="policy-bench-") as scratch:
+        folders = prepare_policies(Path(scratch) / "policies")
+        for config in configs:
+            levels = concurrencies if config.name in ("reference", "local", "local-no-batching", "raw-asgi") else (1, 32)
+            runs += measure(config, folders, args.duration, Path(scratch), levels)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
+    (args.out / "RESULTS.md").write_text(report(runs, configs, args.duration))
+    if not args.no_sweep:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot(runs, args.plot)
+    print(f"wrote {args.out / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()

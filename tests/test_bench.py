@@ -1,0 +1,31 @@
+"""The benchmark harness runs end to end (a second per run): servers start, wrk drives them, the
+report is written. No figure is asserted: speed is measured by `make bench`, not by tests."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from servers import REPO
+
+
+def test_harness_runs_end_to_end(tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        str(REPO / "bench" / "run.py"),
+        "--duration",
+        "1",
+        "--configs",
+        "reference,local",
+        "--no-sweep",
+        "--out",
+        str(tmp_path),
+    ]
+    subprocess.run(command, check=True, timeout=300, cwd=REPO, capture_output=True)
+    runs = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["config"], r["workload"], r["concurrency"]) for r in runs} == {
+        (config, "predict", c) for config in ("reference", "local") for c in (1, 32)
+    } | {(config, "batch1024", 1) for config in ("reference", "local")}
+    assert all(r["requests_per_s"] > 0 and r["errors"] == 0 and r["rss_mib"] > 0 for r in runs)
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "| local | predict | 32 |" in report and "## Targets" in report
