@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 from policy_server.clients import LANGUAGES, ClientSDKError, write_clients
 from policy_server.errors import ConfigError
-from policy_server.loading import SCHEMA_FILE, load_policy, load_policy_spec
+from policy_server.loading import SCHEMA_FILE, load_policy, load_policy_spec, model_file
 from policy_server.observations import RowEncoder, example_observation, observation_model
 from policy_server.policy import Kind, Task
 from policy_server.runtimes import MODEL_SUFFIXES
@@ -35,9 +35,8 @@ class Commands:
             _fail(f"{src}: no models/ folder; fix: name a folder holding schema.yaml and models/ (e.g. examples/mouse_and_cheese)")
         _remove_policy_files(dst)
         (dst / "models").mkdir(parents=True, exist_ok=True)
-        for model in (src / "models").iterdir():
-            if model.suffix in MODEL_SUFFIXES:
-                shutil.copy2(model, dst / "models" / model.name)
+        for model in _model_files(src / "models"):
+            shutil.copy2(model, dst / "models" / model.name)
         if (src / SCHEMA_FILE).is_file():
             shutil.copy2(src / SCHEMA_FILE, dst / SCHEMA_FILE)
         print(f"copied {src}'s schema.yaml and models/ to {dst.resolve()}")
@@ -76,6 +75,66 @@ class Commands:
             print(f"example observation {json.dumps(example_observation(spec))}")
             print(f"→ deterministic actions {decisions.actions[0]}, probability {decisions.probabilities[0]}")
 
+    def import_sb3(
+        self,
+        agent_zip: str,
+        directory: str,
+        name: str | None = None,
+        names: str | Sequence[str] | None = None,
+        vecnormalize: str | None = None,
+    ) -> None:
+        """Turn a Stable-Baselines3 save into a policy folder (models/model.pt + schema.yaml), then validate it.
+
+        PPO and A2C (Discrete, MultiDiscrete or Box actions), DQN (Discrete), SAC and TD3 (Box), with
+        Box observations. Deterministic actions equal model.predict(obs, deterministic=True).
+
+        Args:
+            agent_zip: the .zip written by model.save()
+            directory: the folder to write; a policy already there is replaced
+            name: the policy's name (default: the folder's)
+            names: one name per observation value, comma-separated: scalar fields instead of one list 'obs'
+            vecnormalize: the file written by VecNormalize.save(); its observation normalisation is baked into the model
+        """
+        try:
+            from policy_server.sb3 import convert_sb3
+        except ImportError as error:
+            _fail(f"import_sb3 needs {error.name}; fix: pip install stable-baselines3")
+        target = Path(directory)
+        try:
+            converted = convert_sb3(
+                Path(agent_zip), target, name, _comma_list(names) if names else None, Path(vecnormalize) if vecnormalize else None
+            )
+        except ConfigError as error:
+            _fail(f"invalid: {error}")
+        _remove_policy_files(target)
+        model_path, schema_path = converted.write(target)
+        baked = " with its VecNormalize statistics" if converted.normalized else ""
+        print(f"wrote {model_path} ({converted.policy_class}{baked}) and {schema_path} (its api_key is new: keep it or change it)")
+        self.validate(directory)
+
+    def export_onnx(self, directory: str = ".", out: str | None = None) -> None:
+        """Convert the policy's .pt2 or .pt model to ONNX, served with onnxruntime (pip install .[onnx]).
+
+        The export is checked against the source model on random rows.
+
+        Args:
+            directory: the folder with schema.yaml and models/ (default: here)
+            out: the file to write (default: DIRECTORY/models/model.onnx)
+        """
+        from policy_server.onnx_export import export_onnx
+
+        root = Path(directory)
+        target = Path(out) if out else root / "models" / "model.onnx"
+        try:
+            spec = load_policy_spec(root)
+            source = model_file(root, spec)
+            difference = export_onnx(source, target, load_policy(root, spec).input_size)
+        except ConfigError as error:
+            _fail(f"invalid: {error}")
+        print(f"wrote {target} from {source} (largest difference of their outputs on random rows: {difference:.2g})")
+        if target.resolve().parent == source.resolve().parent:
+            print(f"to serve it, add 'model: {{path: models/{target.name}}}' to schema.yaml, or move {source.name} out of models/")
+
     def openapi(self, directory: str = ".", out: str = "openapi.json") -> None:
         """Write the OpenAPI spec of the policy in `directory` to `out`."""
         spec, _ = _openapi(directory)
@@ -92,7 +151,7 @@ class Commands:
             out: the folder to write them to (default: clients/)
             directory: the folder with schema.yaml and models/ (default: here)
         """
-        chosen = [name.strip() for name in languages.split(",")] if isinstance(languages, str) else [str(name) for name in languages]
+        chosen = _comma_list(languages)
         unknown = [name for name in chosen if name not in LANGUAGES]
         if unknown or not chosen:
             _fail(f"unknown language(s) {', '.join(unknown)}; fix: choose from {','.join(LANGUAGES)}")
@@ -141,17 +200,26 @@ def _openapi(directory: str) -> tuple[dict[str, Any], str]:
     return app.openapi(), name
 
 
+def _comma_list(value: str | Sequence[str]) -> list[str]:
+    """`--flag a,b,c`, which fire may hand over already split."""
+    return [item.strip() for item in value.split(",")] if isinstance(value, str) else [str(item) for item in value]
+
+
 def _settings(directory: str) -> Settings:
     return Settings.from_env(dict(os.environ, POLICY_SERVER_DIR=str(Path(directory).resolve())))
 
 
 def _remove_policy_files(root: Path) -> None:
     (root / SCHEMA_FILE).unlink(missing_ok=True)
-    models = root / "models"
-    if models.is_dir():
-        for model in models.iterdir():
-            if model.suffix in MODEL_SUFFIXES:
-                model.unlink()
+    for model in _model_files(root / "models"):
+        model.unlink()
+
+
+def _model_files(models: Path) -> list[Path]:
+    """Model files, and the `model.onnx.data` weights torch's ONNX exporter writes beside one."""
+    if not models.is_dir():
+        return []
+    return [path for path in models.iterdir() if path.is_file() and (path.suffix in MODEL_SUFFIXES or path.name.endswith(".onnx.data"))]
 
 
 def _fail(message: str) -> NoReturn:

@@ -37,3 +37,8 @@ class PolicyFailure(Exception):
     def __init__(self, error_id: str) -> None:
         self.error_id = error_id
         super().__init__(f"the policy failed; see the server log for error id {error_id}")
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (its type when it says nothing): what a one-line error quotes."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from policy_server.errors import ConfigError, InputError, PolicyFailure
+from policy_server.errors import ConfigError, InputError, PolicyFailure, first_line
 from policy_server.schema import ContinuousHead, DiscreteHead, Head, PolicySpec
 
 logger = logging.getLogger("policy_server")
@@ -275,7 +275,7 @@ def build_policy(spec: PolicySpec, model: Model, info: ModelInfo) -> Policy:
     try:
         outputs = model(np.zeros((2, input_size), dtype=np.float32))
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         raise ConfigError(
             model_path,
             "model",

@@ -1,8 +1,8 @@
 """Model files → one callable: float32 rows [B, D] → the model's raw outputs, as 2-D arrays.
 
 Formats: `.pt2` (torch.export, what torch recommends), `.pt` (TorchScript, what most existing
-policies are) and `saved_model.zip` (a bundle holding one of them, optionally with a schema.yaml).
-Nothing here knows about schemas or HTTP.
+policies are), `.onnx` (run with onnxruntime, an optional extra) and `saved_model.zip` (a bundle
+holding one of them, optionally with a schema.yaml). Nothing here knows about schemas or HTTP.
 """
 
 import hashlib
@@ -12,18 +12,21 @@ import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.utils._pytree as pytree
+from torch.export.passes import move_to_device_pass
 
 from policy_server.errors import ConfigError
 
 logger = logging.getLogger("policy_server")
 
-MODEL_SUFFIXES = (".pt2", ".pt", ".zip")
+MODEL_SUFFIXES = (".pt2", ".pt", ".onnx", ".zip")
+BUNDLED_SUFFIXES = (".pt2", ".pt", ".onnx")
 BUNDLE_SCHEMA = "schema.yaml"
 
 
@@ -70,7 +73,7 @@ def find_model_file(policy_dir: Path, declared: Path | None) -> Path:
         raise ConfigError(
             models,
             "model",
-            "no model file (.pt2, .pt or saved_model.zip) found",
+            "no model file (.pt2, .pt, .onnx or saved_model.zip) found",
             "put the model in models/ (python generate.py copy_server_files examples/mouse_and_cheese)",
         )
     if len(candidates) > 1:
@@ -93,12 +96,13 @@ def _bundle_members(archive: zipfile.ZipFile) -> list[str]:
     return [n for n in archive.namelist() if not n.endswith("/") and not n.startswith("__MACOSX/") and not Path(n).name.startswith("._")]
 
 
-def load_runtime(path: Path) -> Runtime:
+def load_runtime(path: Path, device: str = "cpu") -> Runtime:
+    """The model of `path`, its weights on `device` (ONNX models always run on the CPU)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(path, "model", f"cannot be read ({exc.strerror})", "check the file's permissions") from None
-    runtime = _load_bundle(path) if path.suffix == ".zip" else _load_bytes(path, path.suffix, data)
+    runtime = _load_bundle(path, device) if path.suffix == ".zip" else _load_bytes(path, path.suffix, data, device)
     runtime.sha256 = hashlib.sha256(data).hexdigest()
     return runtime
 
@@ -111,11 +115,11 @@ def gpu_memory(device: str) -> dict[str, int] | None:
     return {"used_bytes": torch.cuda.memory_allocated(index), "total_bytes": torch.cuda.get_device_properties(index).total_memory}
 
 
-def _load_bytes(path: Path, suffix: str, data: bytes) -> Runtime:
-    loaders = {".pt2": _load_exported, ".pt": _load_torchscript}
+def _load_bytes(path: Path, suffix: str, data: bytes, device: str = "cpu") -> Runtime:
+    loaders = {".pt2": partial(_load_exported, device=device), ".pt": partial(_load_torchscript, device=device), ".onnx": _load_onnx}
     if suffix not in loaders:
         raise ConfigError(
-            path, "model", f"unknown model format '{suffix}'", "use a .pt2 (torch.export), .pt (TorchScript) or saved_model.zip"
+            path, "model", f"unknown model format '{suffix}'", "use a .pt2 (torch.export), .pt (TorchScript), .onnx or saved_model.zip"
         )
     try:
         return loaders[suffix](path, data)
@@ -123,16 +127,22 @@ def _load_bytes(path: Path, suffix: str, data: bytes) -> Runtime:
         raise
     except Exception as exc:  # torch raises many kinds; the user needs the first line
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        fix = "save it with torch.export.save" if suffix == ".pt2" else "save it with torch.jit.save"
-        raise ConfigError(path, "model", f"does not load as {suffix} ({reason})", fix) from None
+        raise ConfigError(path, "model", f"does not load as {suffix} ({reason})", _SAVE_HINTS[suffix]) from None
 
 
-def _load_torchscript(path: Path, data: bytes) -> Runtime:
+_SAVE_HINTS = {
+    ".pt2": "save it with torch.export.save",
+    ".pt": "save it with torch.jit.save",
+    ".onnx": "export it with torch.onnx.export (or python generate.py export_onnx DIR)",
+}
+
+
+def _load_torchscript(path: Path, data: bytes, device: str = "cpu") -> Runtime:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=Warning)
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        module = torch.jit.load(io.BytesIO(data), map_location=device)
     module.eval()
-    return Runtime(path=path, format="torchscript", forward=module, input_size=_first_layer_width(module))
+    return Runtime(path=path, format="torchscript", forward=module, input_size=_first_layer_width(module), device=device)
 
 
 def _first_layer_width(module: torch.nn.Module) -> int | None:
@@ -142,9 +152,11 @@ def _first_layer_width(module: torch.nn.Module) -> int | None:
     return None
 
 
-def _load_exported(path: Path, data: bytes) -> Runtime:
+def _load_exported(path: Path, data: bytes, device: str = "cpu") -> Runtime:
     program = torch.export.load(io.BytesIO(data))
-    return Runtime(path=path, format="torch.export", forward=_exported_forward(program), input_size=_exported_width(program))
+    if device != "cpu":
+        program = move_to_device_pass(program, device)
+    return Runtime(path=path, format="torch.export", forward=_exported_forward(program), input_size=_exported_width(program), device=device)
 
 
 def _exported_width(program: torch.export.ExportedProgram) -> int | None:
@@ -192,18 +204,50 @@ def _open_bundle(bundle: Path) -> zipfile.ZipFile:
         raise ConfigError(bundle, "model", f"is not a readable zip ({exc})", "re-create the bundle with zip") from None
 
 
-def _load_bundle(bundle: Path) -> Runtime:
+def _load_bundle(bundle: Path, device: str = "cpu") -> Runtime:
     with _open_bundle(bundle) as archive:
-        members = [n for n in _bundle_members(archive) if Path(n).suffix in (".pt2", ".pt")]
+        members = [n for n in _bundle_members(archive) if Path(n).suffix in BUNDLED_SUFFIXES]
         if len(members) != 1:
             found = ", ".join(members) or "none"
             raise ConfigError(
                 bundle,
                 "model",
-                f"a bundle must hold exactly one .pt2 or .pt model (found: {found})",
+                f"a bundle must hold exactly one .pt2, .pt or .onnx model (found: {found})",
                 "zip one model file, optionally with schema.yaml",
             )
         data = archive.read(members[0])
-    runtime = _load_bytes(bundle, Path(members[0]).suffix, data)
+    runtime = _load_bytes(bundle, Path(members[0]).suffix, data, device)
     runtime.format = f"bundle/{runtime.format}"
     return runtime
+
+
+def _load_onnx(path: Path, data: bytes) -> Runtime:
+    """An ONNX graph run by onnxruntime on the CPU, one thread per call as torch is.
+
+    A plain file loads from its path, so weights saved beside it (`model.onnx.data`, what
+    torch.onnx.export writes by default) are found; a bundle's member loads from its bytes.
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ConfigError(
+            path, "model", "an .onnx model needs onnxruntime, which is not installed", "install the onnx extra: pip install .[onnx]"
+        ) from None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    source = str(path) if path.suffix == ".onnx" else data
+    session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].type != "tensor(float)":
+        found = ", ".join(f"{i.name}: {i.type}" for i in inputs)
+        raise ConfigError(
+            path, "model", f"an ONNX policy takes one float32 input [batch, size] (this one takes {found})", _SAVE_HINTS[".onnx"]
+        )
+    name, shape = inputs[0].name, inputs[0].shape
+    width = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
+
+    def forward(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.from_numpy(output) for output in session.run(None, {name: rows.numpy()}))
+
+    return Runtime(path=path, format="onnx", forward=forward, input_size=width)

@@ -8,7 +8,7 @@ import pytest
 from conftest import MOUSE_SCHEMA, MakePolicyDir, mlp, save_model
 from servers import generate
 
-COMMANDS = ("copy_server_files", "clean", "validate", "openapi", "clients", "serve")
+COMMANDS = ("copy_server_files", "clean", "validate", "openapi", "clients", "import_sb3", "export_onnx", "serve")
 
 
 @pytest.fixture
