@@ -21,7 +21,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export.passes import move_to_device_pass
 
-from policy_server.errors import ConfigError
+from policy_server.errors import ConfigError, first_line
 
 logger = logging.getLogger("policy_server")
 
@@ -126,8 +126,7 @@ def _load_bytes(path: Path, suffix: str, data: bytes, device: str = "cpu") -> Ru
     except ConfigError:
         raise
     except Exception as exc:  # torch raises many kinds; the user needs the first line
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(path, "model", f"does not load as {suffix} ({reason})", _SAVE_HINTS[suffix]) from None
+        raise ConfigError(path, "model", f"does not load as {suffix} ({first_line(exc)})", _SAVE_HINTS[suffix]) from None
 
 
 _SAVE_HINTS = {
