@@ -6,8 +6,10 @@ result already in JSON-ready lists, so the hot path does no per-feature Python w
 pydantic's validation.
 """
 
+import asyncio
 import json
 import logging
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -24,7 +26,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from policy_server import __version__
-from policy_server.auth import api_key_dependency
+from policy_server.auth import SECURITY_REQUIREMENT, SECURITY_SCHEMES, api_key_dependency
 from policy_server.clients import LANGUAGES, ClientSDKError, ClientSDKs, SDKsNotReady, UnknownLanguage
 from policy_server.docs import add_offline_docs
 from policy_server.errors import InputError, PolicyFailure
@@ -69,6 +71,7 @@ class Guard:
 
     dependencies: list[Any]
     responses: dict[int | str, dict[str, Any]]
+    openapi_extra: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -97,10 +100,7 @@ def create_app(
     started = time.time()
     client_sdks: list[ClientSDKs] = []  # made in the lifespan, once the spec has every route
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if api_key is None:
-            logger.warning("auth is OFF (POLICY_SERVER_AUTH=off): anyone who reaches this port can call the policy")
+    async def start_executor() -> None:
         await executor.start()
         info = executor.describe()
         logger.info(
@@ -113,6 +113,17 @@ def create_app(
         )
         if metrics is not None:
             metrics.describe_model(info)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if api_key is None:
+            logger.warning("auth is OFF (POLICY_SERVER_AUTH=off): anyone who reaches this port can call the policy")
+        starting = asyncio.create_task(start_executor())
+        if executor.starts_in_background:  # the port opens now: /health answers, /ready is 503 until started
+            starting.add_done_callback(_shut_down_if_failed)
+        else:
+            await starting
+        if metrics is not None:
             metrics.warn_if_counts_split()
         if sdks is not None:
             client_sdks.append(ClientSDKs(app.openapi(), spec.name, sdks.cache_dir))
@@ -121,6 +132,7 @@ def create_app(
         yield
         for generator in client_sdks:
             await generator.stop()
+        await asyncio.wait([starting])  # a start in the background ends before the executor stops
         await executor.stop()
 
     app = FastAPI(
@@ -133,7 +145,11 @@ def create_app(
         redoc_url=None,
     )
     add_offline_docs(app)
-    auth = Guard([Depends(api_key_dependency(api_key))], AUTH_ERRORS) if api_key is not None else Guard([], {})
+    if api_key is not None:
+        auth = Guard([Depends(api_key_dependency(api_key))], AUTH_ERRORS, {"security": SECURITY_REQUIREMENT})
+        _document_security_schemes(app)
+    else:
+        auth = Guard([], {}, {})
     count_actions = metrics.count_actions if metrics is not None else _count_nothing
     if spec.observations is not None:
         _add_observation_routes(app, spec, executor, auth, count_actions)
@@ -150,8 +166,28 @@ def create_app(
     return app
 
 
+def _document_security_schemes(app: FastAPI) -> None:
+    """Add the api key's schemes to the spec (the routes name them in their `security`)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            generate().setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def _count_nothing(actions: Sequence[Sequence[Any]]) -> None:
     pass
+
+
+def _shut_down_if_failed(starting: "asyncio.Task[None]") -> None:
+    """A start in the background failed: log why and stop the server, as a failed start-up would."""
+    if starting.cancelled() or starting.exception() is None:
+        return
+    logger.error("policy-server: cannot start: %s", starting.exception(), exc_info=starting.exception())
+    signal.raise_signal(signal.SIGTERM)  # uvicorn shuts down gracefully: the executor releases what it started
 
 
 def _add_metrics_route(app: FastAPI, metrics: Metrics) -> None:
@@ -204,7 +240,7 @@ def _add_observation_routes(app: FastAPI, spec: PolicySpec, executor: Executor, 
             dependencies=auth.dependencies,
             responses=auth.responses,
             tags=["policy"],
-            openapi_extra={"requestBody": {"content": {"application/json": {"example": example}}}},
+            openapi_extra=auth.openapi_extra | {"requestBody": {"content": {"application/json": {"example": example}}}},
         )(endpoint)
 
     observation_route("/predict", Kind.SAMPLE, Decision, "Sample an action from the policy")
@@ -219,7 +255,8 @@ def _add_observation_routes(app: FastAPI, spec: PolicySpec, executor: Executor, 
         dependencies=auth.dependencies,
         responses=auth.responses,
         tags=["policy"],
-        openapi_extra={"requestBody": {"content": {"application/json": {"example": {"observations": [example, example]}}}}},
+        openapi_extra=auth.openapi_extra
+        | {"requestBody": {"content": {"application/json": {"example": {"observations": [example, example]}}}}},
     )
     async def predict_batch(
         batch: ObservationBatch,  # type: ignore[valid-type]
@@ -244,6 +281,7 @@ def _add_raw_route(app: FastAPI, spec: PolicySpec, executor: Executor, auth: Gua
         response_model=decision_model(spec),
         dependencies=auth.dependencies,
         responses=auth.responses,
+        openapi_extra=auth.openapi_extra,
         tags=["policy"],
     )
     async def predict_raw(body: RawObservation, seed: Seed = None) -> Response:
@@ -260,6 +298,7 @@ def _add_service_routes(app: FastAPI, spec: PolicySpec, executor: Executor, auth
         summary="The schema, without the api key",
         dependencies=auth.dependencies,
         responses=auth.responses,
+        openapi_extra=auth.openapi_extra,
         tags=["service"],
     )
     async def schema() -> Response:
@@ -272,6 +311,7 @@ def _add_service_routes(app: FastAPI, spec: PolicySpec, executor: Executor, auth
         summary="What is served, and where",
         dependencies=auth.dependencies,
         responses=auth.responses,
+        openapi_extra=auth.openapi_extra,
         tags=["service"],
     )
     async def info() -> Response:

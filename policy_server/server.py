@@ -14,7 +14,7 @@ from policy_server.executors import Executor
 from policy_server.executors.local import LocalExecutor
 from policy_server.loading import load_policy, load_policy_spec
 from policy_server.metrics import Metrics
-from policy_server.schema import PolicySpec
+from policy_server.schema import BACKENDS, PolicySpec
 from policy_server.settings import Settings
 
 
@@ -44,17 +44,21 @@ def _api_key(spec: PolicySpec, settings: Settings) -> str | None:
 
 
 def create_executor(spec: PolicySpec, settings: Settings, metrics: Metrics | None = None) -> Executor:
-    backend = settings.backend or spec.serving.backend
-    if backend != "local":
-        raise ConfigError(
-            spec.path,
-            "serving.backend",
-            f"backend {backend!r} is not available in this version",
-            "use 'local' (or unset POLICY_SERVER_BACKEND)",
-        )
-    policy = load_policy(settings.policy_dir, spec)
     observe_batch = metrics.observe_batch if metrics is not None else None
+    if choose_backend(spec, settings) == "ray":
+        from policy_server.executors.ray import RayExecutor  # Ray takes seconds to import: only when asked for
+
+        return RayExecutor(spec, settings, observe_batch)
+    policy = load_policy(settings.policy_dir, spec)
     return LocalExecutor(policy, spec.serving.max_batch_size, spec.serving.batch_wait_ms, settings.torch_threads, observe_batch)
+
+
+def choose_backend(spec: PolicySpec, settings: Settings) -> str:
+    """POLICY_SERVER_BACKEND, else ray if RAY_ADDRESS names a cluster to join, else the schema's."""
+    backend = settings.backend or ("ray" if settings.ray_address else spec.serving.backend)
+    if backend not in BACKENDS:
+        raise ConfigError("environment", "POLICY_SERVER_BACKEND", f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
+    return backend
 
 
 def app_from_environment() -> FastAPI:

@@ -8,6 +8,7 @@ from pathlib import Path
 from policy_server.errors import ConfigError
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_RAY_METRICS_PORT = 8080
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,12 @@ class Settings:
     metrics_enabled: bool = True
     sdk_cache_dir: Path = field(default_factory=lambda: _user_cache() / "clients")
     sdks_in_background: bool = True  # False: generate the SDKs on the first /clients request
+    # backend ray (DESIGN.md §5)
+    ray_address: str | None = None  # join this cluster instead of starting a local Ray; selects backend ray
+    ray_node_ip: str | None = None  # this machine's address for Ray, whenever we start or join it
+    ray_metrics_port: int = DEFAULT_RAY_METRICS_PORT  # Ray's own Prometheus metrics, of a Ray we start
+    ray_cpus: int | None = None  # CPUs of a Ray we start (None: all of the machine's)
+    ray_replica_cpus: float = 1.0  # CPUs reserved per replica
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -39,6 +46,11 @@ class Settings:
             if env.get("POLICY_SERVER_CACHE_DIR")
             else _user_cache() / "clients",
             sdks_in_background=env.get("POLICY_SERVER_SDKS", "background").strip().lower() != "on-request",
+            ray_address=env.get("RAY_ADDRESS") or None,
+            ray_node_ip=env.get("POLICY_SERVER_RAY_NODE_IP") or None,
+            ray_metrics_port=_positive_int(env, "POLICY_SERVER_RAY_METRICS_PORT", DEFAULT_RAY_METRICS_PORT),
+            ray_cpus=_positive_int(env, "POLICY_SERVER_RAY_CPUS", 2) if env.get("POLICY_SERVER_RAY_CPUS") else None,
+            ray_replica_cpus=_positive_float(env, "POLICY_SERVER_RAY_REPLICA_CPUS", 1.0),
         )
 
 
@@ -54,3 +66,16 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise ConfigError("environment", name, f"{raw!r} is not a positive whole number", f"set {name} to e.g. {default}")
     return int(raw)
+
+
+def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise ConfigError("environment", name, f"{raw!r} is not a positive number", f"set {name} to e.g. {default}")
+    return value

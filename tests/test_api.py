@@ -631,6 +631,7 @@ class FakeExecutor:
     """Not ready until start() (or the test) says so."""
 
     backend = "fake"
+    starts_in_background = False
 
     def __init__(self) -> None:
         self.ready = False

@@ -11,6 +11,9 @@ from policy_server.policy import Result, Task
 
 class Executor(Protocol):
     backend: str
+    # True: the app opens its port while start() runs (/ready 503 meanwhile) instead of after it:
+    # for backends that take many seconds to start, so /health answers and /ready tells.
+    starts_in_background: bool
 
     async def start(self) -> None:
         """Load or deploy, warm up; return once the policy answers."""

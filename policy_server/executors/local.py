@@ -31,6 +31,7 @@ _Pending = tuple[Task, "asyncio.Future[Result]"]
 
 class LocalExecutor:
     backend = "local"
+    starts_in_background = False
 
     def __init__(
         self,

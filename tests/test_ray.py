@@ -1,0 +1,414 @@
+"""Backend `ray` against a real local Ray (DESIGN.md §5): one Ray for the whole module, node address
+127.0.0.2, two CPUs, no dashboard.
+
+In-process apps (TestClient) check that ray answers exactly as local does; `uvicorn app:app`
+subprocesses check start-up, a replica killed under load, and that SIGTERM leaves nothing behind.
+"""
+
+import os
+import random
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import ray
+import torch
+from conftest import AUTH, MOUSE_OBSERVATION, MOUSE_SCHEMA, MakePolicyDir, mlp, settings_for
+from fastapi.testclient import TestClient
+from ray import serve as ray_serve
+from ray_support import (
+    NODE_IP,
+    READY_TIMEOUT_S,
+    auth_env,
+    descendants,
+    non_loopback_connections,
+    policy_copy,
+    ray_temp_dir,
+    ready_statuses,
+    survivors,
+    wait_until,
+)
+from servers import free_port, running_server, uvicorn_command
+
+from policy_server import loading
+from policy_server.errors import ConfigError
+from policy_server.executors.ray import app_builder
+from policy_server.loading import load_policy_spec
+from policy_server.policy import Policy
+from policy_server.server import build_app, choose_backend
+from policy_server.settings import Settings
+
+REPLICA_CPUS = 0.5  # the module's Ray has 2 CPUs; up to 4 replicas at once
+SEEDS = (0, 1, 2, 12345)
+Observation = dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[str]:
+    """A local Ray in this process (its GCS address, for servers that join it); shut down after the module."""
+    with ray_temp_dir() as temp_dir, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TMPDIR", temp_dir)  # also for the servers started from here (servers.clean_env)
+        patch.setenv("RAY_AUTH_TOKEN", auth_env()["RAY_AUTH_TOKEN"])
+        # Unset, so ray.init turns token auth on itself: it sets RAY_AUTH_MODE=token (inherited by the
+        # servers started from here) and reloads its config, read once at import.
+        patch.delenv("RAY_AUTH_MODE", raising=False)
+        context = ray.init(
+            _node_ip_address=NODE_IP,
+            include_dashboard=False,
+            num_cpus=2,
+            _metrics_export_port=free_port(),
+            log_to_driver=False,
+        )
+        try:
+            yield context.address_info["gcs_address"]
+        finally:
+            ray_processes = descendants(os.getpid())
+            ray_serve.shutdown()
+            ray.shutdown(wait_for_processes=True)
+            os.environ.pop("RAY_AUTH_MODE", None)
+            left = survivors(ray_processes, timeout_s=30)
+    assert left == [], f"Ray processes left running: {left}"
+
+
+def _wait_ready(client: TestClient) -> None:
+    wait_until(lambda: client.get("/ready").status_code == 200, READY_TIMEOUT_S, "the deployment answers")
+
+
+def _ray_settings(**overrides: object) -> dict[str, object]:
+    return {"backend": "ray", "ray_node_ip": NODE_IP, "ray_replica_cpus": REPLICA_CPUS} | overrides
+
+
+@pytest.fixture(scope="module")
+def clients(local_ray: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[TestClient, TestClient]]]:
+    """Per example: (its app with backend local, its app with backend ray), both started."""
+    destination = tmp_path_factory.mktemp("ray-apps")
+    with ExitStack() as stack:
+        pairs = {}
+        for example in ("mouse_and_cheese", "tuple_masking"):
+            folder = policy_copy(example, destination, example)
+            local = stack.enter_context(TestClient(build_app(settings_for(folder)), raise_server_exceptions=False))
+            remote = stack.enter_context(TestClient(build_app(settings_for(folder, **_ray_settings())), raise_server_exceptions=False))
+            pairs[example] = (local, remote)
+        for _, remote in pairs.values():
+            _wait_ready(remote)
+        yield pairs
+
+
+def _mouse_observations(rng: random.Random) -> list[Observation]:
+    observations = []
+    for _ in range(6):
+        mouse = [rng.randint(0, 5), rng.randint(0, 5)]
+        cheese = [rng.randint(0, 5), rng.randint(0, 5)]
+        observations.append(
+            {
+                "mouse_row": mouse[0],
+                "mouse_col": mouse[1],
+                "mouse_row_distance": cheese[0] - mouse[0],
+                "mouse_col_distance": cheese[1] - mouse[1],
+                "cheese_row": cheese[0],
+                "cheese_col": cheese[1],
+            }
+        )
+    return observations
+
+
+def _tuple_observations(rng: random.Random) -> list[Observation]:
+    observations = []
+    for _ in range(6):
+        mask = [rng.random() < 0.5 for _ in range(5)]
+        mask[rng.randrange(2)] = mask[2 + rng.randrange(3)] = True  # each head allows an action
+        observations.append(
+            {
+                "queue_lengths": [rng.uniform(0, 10), rng.uniform(0, 10)],
+                "job_size": rng.uniform(0.5, 1.5),
+                "urgency": rng.random(),
+                "energy_price": rng.random(),
+                "actionMask": mask,
+            }
+        )
+    return observations
+
+
+def _pendulum_observations(rng: random.Random) -> list[Observation]:
+    return [{"cos_theta": rng.uniform(-1, 1), "sin_theta": rng.uniform(-1, 1), "theta_dot": rng.uniform(-8, 8)} for _ in range(6)]
+
+
+OBSERVATIONS: dict[str, Callable[[random.Random], list[Observation]]] = {
+    "mouse_and_cheese": _mouse_observations,
+    "tuple_masking": _tuple_observations,
+    "pendulum": _pendulum_observations,
+}
+
+
+def _answers(client: TestClient, observations: list[Observation]) -> list[tuple[str, int, Any]]:
+    """Every prediction route for every observation (sampling with each seed), and the batch route."""
+
+    def ask(path: str, body: Any) -> tuple[str, int, Any]:
+        response = client.post(path, json=body, headers=AUTH)
+        return path, response.status_code, response.json()
+
+    answers = []
+    for observation in observations:
+        answers += [ask(f"/predict?seed={seed}", observation) for seed in SEEDS]
+        answers += [ask("/predict_deterministic", observation), ask("/distribution", observation)]
+    answers += [ask(f"/predict_batch?seed={seed}", {"observations": observations}) for seed in SEEDS]
+    answers.append(ask("/predict_batch?deterministic=true", {"observations": observations}))
+    return answers
+
+
+@pytest.mark.parametrize("example", ["mouse_and_cheese", "tuple_masking"])
+def test_ray_answers_exactly_as_local(clients: dict[str, tuple[TestClient, TestClient]], example: str) -> None:
+    local, remote = clients[example]
+    observations = OBSERVATIONS[example](random.Random(example))
+    expected = _answers(local, observations)
+    assert {status for _, status, _ in expected} == {200}
+    assert _answers(remote, observations) == expected
+
+
+def test_input_errors_cross_from_the_replicas_as_they_are(clients: dict[str, tuple[TestClient, TestClient]]) -> None:
+    """Nothing allowed for a head: the replica's InputError is the same 422 as local's."""
+    local, remote = clients["tuple_masking"]
+    blocked = _tuple_observations(random.Random(0))[0] | {"actionMask": [False, False, True, True, True]}
+    for path, body in (("/predict", blocked), ("/predict_batch", {"observations": [blocked, blocked]})):
+        expected = local.post(path, json=body, headers=AUTH)
+        answer = remote.post(path, json=body, headers=AUTH)
+        assert expected.status_code == answer.status_code == 422
+        assert answer.json() == expected.json()
+
+
+def test_info_shows_backend_replicas_and_device(clients: dict[str, tuple[TestClient, TestClient]]) -> None:
+    local, remote = clients["mouse_and_cheese"]
+    info = remote.get("/info", headers=AUTH).json()
+    assert (info["backend"], info["replicas"], info["device"], info["gpu_memory"], info["ready"]) == ("ray", 1, "cpu", None, True)
+    (replica,) = info["replica_details"]
+    assert replica["device"] == "cpu" and replica["gpu_memory"] is None
+    assert psutil.Process(replica["pid"]) in descendants(os.getpid())  # a process of this module's Ray
+    assert replica["node_id"] == ray.get_runtime_context().get_node_id()
+    described = local.get("/info", headers=AUTH).json()
+    for key in ("model", "format", "sha256", "input_size", "heads"):
+        assert info[key] == described[key], key
+
+
+def test_replicas_batch_concurrent_requests_and_report_them(clients: dict[str, tuple[TestClient, TestClient]]) -> None:
+    """Concurrent requests share forward passes; the replicas' batch sizes reach the app's /metrics."""
+    _, remote = clients["mouse_and_cheese"]
+
+    def batches() -> tuple[float, float]:
+        lines = remote.get("/metrics").text.splitlines()
+        values = {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("policy_server_batch_size_")}
+        return values["policy_server_batch_size_count"], values["policy_server_batch_size_sum"]
+
+    count, rows = batches()
+    observation = _mouse_observations(random.Random(0))[0]
+    requests = 64
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda _: remote.post("/predict", json=observation, headers=AUTH).status_code, range(requests)))
+    assert statuses == [200] * requests
+    new_count, new_rows = batches()
+    assert new_rows - rows == requests  # every row counted once
+    assert new_count - count < requests  # and some forward passes served several requests
+
+
+def test_the_model_is_loaded_only_in_the_replicas(local_ray: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With backend ray this process builds no Policy and loads no model file; continuous heads too."""
+    folder = policy_copy("pendulum", tmp_path, "pendulum")
+    observations = _pendulum_observations(random.Random(3))
+    with TestClient(build_app(settings_for(folder))) as local:
+        expected = _answers(local, observations)
+    loads: list[object] = []
+    real_init, real_load = Policy.__init__, loading.load_runtime
+
+    def policy_spy(self: Policy, *args: Any, **kwargs: Any) -> None:
+        loads.append(args)
+        real_init(self, *args, **kwargs)
+
+    def runtime_spy(*args: Any, **kwargs: Any) -> Any:
+        loads.append(args)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(Policy, "__init__", policy_spy)
+    monkeypatch.setattr(loading, "load_runtime", runtime_spy)
+    with TestClient(build_app(settings_for(folder, **_ray_settings()))) as remote:
+        _wait_ready(remote)
+        assert _answers(remote, observations) == expected
+        assert remote.get("/info", headers=AUTH).json()["backend"] == "ray"
+    assert loads == []
+    assert "pendulum" not in ray_serve.status().applications  # stop() deleted its application
+
+
+def test_an_application_from_a_serve_config_is_used_and_left_running(
+    local_ray: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a KubeRay RayService does (deploy/kuberay-rayservice.yaml): Serve builds the application
+    with app_builder; the server finds it by the schema's name, uses it, and does not delete it."""
+    folder = policy_copy("mouse_and_cheese", tmp_path, "declared")
+    monkeypatch.setenv("POLICY_SERVER_RAY_REPLICA_CPUS", str(REPLICA_CPUS))
+    ray_serve.run(app_builder({"policy_dir": str(folder)}), name="declared", route_prefix=None)
+    observations = _mouse_observations(random.Random(5))
+    try:
+        with TestClient(build_app(settings_for(folder))) as local:
+            expected = _answers(local, observations)
+        with TestClient(build_app(settings_for(folder, **_ray_settings()))) as remote:
+            _wait_ready(remote)
+            assert _answers(remote, observations) == expected
+        assert ray_serve.status().applications["declared"].status == "RUNNING"
+    finally:
+        ray_serve.delete("declared")
+
+
+def test_the_backend_comes_from_the_environment_then_ray_address_then_the_schema(make_policy_dir: MakePolicyDir) -> None:
+    spec = load_policy_spec(make_policy_dir(MOUSE_SCHEMA + "serving: {backend: ray}\n", mlp(6, 4), 6))
+    local_spec = replace(spec, serving=replace(spec.serving, backend="local"))
+    folder = spec.path.parent
+    assert choose_backend(spec, Settings(folder)) == "ray"
+    assert choose_backend(local_spec, Settings(folder)) == "local"
+    assert choose_backend(local_spec, Settings(folder, ray_address="10.0.0.1:6379")) == "ray"
+    assert choose_backend(spec, Settings(folder, backend="local", ray_address="10.0.0.1:6379")) == "local"
+    with pytest.raises(ConfigError, match="POLICY_SERVER_BACKEND: unknown backend 'kubernetes'; fix: use one of local, ray"):
+        choose_backend(spec, Settings(folder, backend="kubernetes"))
+
+
+def test_ray_settings_from_the_environment(tmp_path: Path) -> None:
+    defaults = Settings.from_env({"POLICY_SERVER_DIR": str(tmp_path)})
+    assert (defaults.ray_address, defaults.ray_node_ip, defaults.ray_metrics_port, defaults.ray_cpus, defaults.ray_replica_cpus) == (
+        None,
+        None,
+        8080,
+        None,
+        1.0,
+    )
+    env = {
+        "RAY_ADDRESS": "10.0.0.1:6379",
+        "POLICY_SERVER_RAY_NODE_IP": NODE_IP,
+        "POLICY_SERVER_RAY_METRICS_PORT": "9100",
+        "POLICY_SERVER_RAY_CPUS": "3",
+        "POLICY_SERVER_RAY_REPLICA_CPUS": "0.25",
+    }
+    settings = Settings.from_env(env)
+    assert (settings.ray_address, settings.ray_node_ip, settings.ray_metrics_port, settings.ray_cpus, settings.ray_replica_cpus) == (
+        "10.0.0.1:6379",
+        NODE_IP,
+        9100,
+        3,
+        0.25,
+    )
+    for name, value in (
+        ("POLICY_SERVER_RAY_REPLICA_CPUS", "none"),
+        ("POLICY_SERVER_RAY_REPLICA_CPUS", "-1"),
+        ("POLICY_SERVER_RAY_CPUS", "0"),
+    ):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({name: value})
+
+
+def test_ray_connections_stay_on_loopback(clients: dict[str, tuple[TestClient, TestClient]]) -> None:
+    """While Ray runs and answers: no connection of this process or its Ray goes outside 127.0.0.0/8."""
+    for _, remote in clients.values():
+        assert remote.post("/predict_raw", json={"obs": [0.0] * 6}, headers=AUTH).status_code in (200, 422)
+    processes = [psutil.Process(), *descendants(os.getpid())]
+    assert any(process.name() == "raylet" for process in processes)
+    assert non_loopback_connections(processes) == []
+
+
+def _slow_mouse_model() -> torch.nn.Module:
+    """The mouse schema's sizes, made slow on purpose: a batch of 256 rows takes tens of milliseconds,
+    so a request is almost always on the replica when it is killed."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 2048), torch.nn.Tanh(), torch.nn.Linear(2048, 2048), torch.nn.Tanh(), torch.nn.Linear(2048, 4)
+    )
+
+
+def test_a_killed_replica_loses_no_request(local_ray: str, make_policy_dir: MakePolicyDir) -> None:
+    """`uvicorn app:app` joined to the module's Ray via RAY_ADDRESS: SIGKILL its replica while one
+    client keeps a request in flight; Serve replaces the replica, the request it had is sent again,
+    every request gets a 200. On SIGTERM the server deletes its application and leaves the Ray it
+    joined running."""
+    folder = make_policy_dir(MOUSE_SCHEMA, _slow_mouse_model(), 6)
+    port = free_port()
+    env = {"RAY_ADDRESS": local_ray, "POLICY_SERVER_RAY_NODE_IP": NODE_IP, "POLICY_SERVER_RAY_REPLICA_CPUS": str(REPLICA_CPUS)}
+    batch = {"observations": [MOUSE_OBSERVATION] * 256}
+    outcomes: list[int | str] = []
+    stop = threading.Event()
+
+    def light_load(url: str) -> None:
+        with httpx.Client(base_url=url, timeout=90.0) as client:
+            while not stop.is_set():
+                try:
+                    outcomes.append(client.post("/predict_batch", json=batch, headers=AUTH).status_code)
+                except httpx.HTTPError as exc:
+                    outcomes.append(repr(exc))
+
+    with running_server(uvicorn_command(port), port, cwd=folder, env=env, ready_path="/health") as server:
+        ready_statuses(server.url)
+        (victim_pid,) = _replica_pids(server.url)
+        victim = psutil.Process(victim_pid)
+        assert victim in descendants(os.getpid())  # the module's Ray runs it: ours to kill
+        load = threading.Thread(target=light_load, args=(server.url,))
+        load.start()
+        try:
+            wait_until(lambda: len(outcomes) >= 5, 60, "answers before the kill")
+            victim.send_signal(signal.SIGKILL)
+            at_kill = len(outcomes)
+            wait_until(lambda: len(outcomes) >= at_kill + 10, 120, "answers after the kill")
+        finally:
+            stop.set()
+            load.join()
+        wait_until(lambda: _replica_pids(server.url) not in ([], [victim_pid]), 60, "/info shows the new replica")
+    assert outcomes == [200] * len(outcomes)
+    assert "a replica died with a request in flight" in server.log
+    assert server.returncode in (0, -signal.SIGTERM), server.log
+    assert ray.is_initialized() and folder.name not in ray_serve.status().applications
+
+
+def test_uvicorn_starts_and_stops_its_own_ray(tmp_path: Path) -> None:
+    """No RAY_ADDRESS: the server starts a local Ray. /ready is 503 until the deployment answers,
+    then one "Finished loading" line; Ray's metrics on their port; SIGTERM leaves no Ray process."""
+    folder = policy_copy("tuple_masking", tmp_path, "own_ray")
+    port, metrics_port = free_port(), free_port()
+    env = {
+        "POLICY_SERVER_BACKEND": "ray",
+        "POLICY_SERVER_RAY_NODE_IP": NODE_IP,
+        "POLICY_SERVER_RAY_CPUS": "1",
+        "POLICY_SERVER_RAY_METRICS_PORT": str(metrics_port),
+        "POLICY_SERVER_RAY_REPLICA_CPUS": str(REPLICA_CPUS),
+    }
+    with (
+        ray_temp_dir() as temp_dir,
+        running_server(uvicorn_command(port), port, cwd=folder, env=env | {"RAY_TMPDIR": temp_dir}, ready_path="/health") as server,
+    ):
+        readiness = ready_statuses(server.url)
+        with httpx.Client(base_url=server.url, timeout=30.0) as client:
+            info = client.get("/info", headers=AUTH).json()
+            assert (info["backend"], info["replicas"], info["device"]) == ("ray", 1, "cpu")
+            ray_processes = descendants(server.process.pid)
+            names = {process.name() for process in ray_processes}
+            assert {"raylet", "gcs_server"} <= names
+            assert psutil.Process(info["replica_details"][0]["pid"]) in ray_processes
+        wait_until(lambda: "ray_" in _text(f"http://{NODE_IP}:{metrics_port}/metrics"), 60, "Ray's metrics on their port")
+        assert non_loopback_connections([psutil.Process(server.process.pid), *ray_processes]) == []
+    assert readiness[0] == 503 and readiness[-1] == 200
+    assert server.returncode in (0, -signal.SIGTERM), server.log
+    assert "Finished loading model.pt2 (torch.export) with backend ray, 1 replica(s), on cpu" in server.log
+    assert server.log.count("Finished loading") == 1
+    assert "Application shutdown complete" in server.log and "Traceback" not in server.log
+    assert survivors(ray_processes, timeout_s=30) == []
+
+
+def _replica_pids(url: str) -> list[int]:
+    return [replica["pid"] for replica in httpx.get(f"{url}/info", headers=AUTH).json()["replica_details"]]
+
+
+def _text(url: str) -> str:
+    try:
+        return httpx.get(url, timeout=10.0).text
+    except httpx.HTTPError as exc:
+        return repr(exc)
