@@ -120,6 +120,19 @@ actions:
   - {name: move, n: 4, labels: [up, down, left, right]}
 """
 
+
+def mouse_observation(mouse: tuple[int, int], cheese: tuple[int, int]) -> dict[str, float]:
+    """The mouse_and_cheese observation of a mouse and a cheese at (row, col)."""
+    return {
+        "mouse_row": mouse[0],
+        "mouse_col": mouse[1],
+        "mouse_row_distance": cheese[0] - mouse[0],
+        "mouse_col_distance": cheese[1] - mouse[1],
+        "cheese_row": cheese[0],
+        "cheese_col": cheese[1],
+    }
+
+
 MOUSE_OBSERVATION = {"mouse_row": 1, "mouse_col": 2, "mouse_row_distance": 0, "mouse_col_distance": 1, "cheese_row": 1, "cheese_col": 3}
 
 

@@ -23,7 +23,7 @@ import httpx
 import pyarrow as pa
 import pytest
 import yaml
-from conftest import API_KEY, mlp, save_model
+from conftest import API_KEY, mlp, mouse_observation, save_model
 from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from servers import REPO, Server, free_port, running_server, uvicorn_command
@@ -100,17 +100,6 @@ def charts(at: AppTest) -> dict[str, list[dict[str, Any]]]:
 
 def texts(elements: Any) -> str:
     return "\n".join(str(element.value) for element in elements)
-
-
-def mouse_observation(mouse: tuple[int, int], cheese: tuple[int, int]) -> dict[str, float]:
-    return {
-        "mouse_row": mouse[0],
-        "mouse_col": mouse[1],
-        "mouse_row_distance": cheese[0] - mouse[0],
-        "mouse_col_distance": cheese[1] - mouse[1],
-        "cheese_row": cheese[0],
-        "cheese_col": cheese[1],
-    }
 
 
 def set_mouse(at: AppTest, mouse: tuple[int, int], cheese: tuple[int, int]) -> None:

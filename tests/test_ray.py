@@ -21,7 +21,7 @@ import psutil
 import pytest
 import ray
 import torch
-from conftest import AUTH, MOUSE_OBSERVATION, MOUSE_SCHEMA, MakePolicyDir, mlp, settings_for
+from conftest import AUTH, MOUSE_OBSERVATION, MOUSE_SCHEMA, MakePolicyDir, mlp, mouse_observation, settings_for
 from fastapi.testclient import TestClient
 from ray import serve as ray_serve
 from ray_support import (
@@ -103,21 +103,8 @@ def clients(local_ray: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def _mouse_observations(rng: random.Random) -> list[Observation]:
-    observations = []
-    for _ in range(6):
-        mouse = [rng.randint(0, 5), rng.randint(0, 5)]
-        cheese = [rng.randint(0, 5), rng.randint(0, 5)]
-        observations.append(
-            {
-                "mouse_row": mouse[0],
-                "mouse_col": mouse[1],
-                "mouse_row_distance": cheese[0] - mouse[0],
-                "mouse_col_distance": cheese[1] - mouse[1],
-                "cheese_row": cheese[0],
-                "cheese_col": cheese[1],
-            }
-        )
-    return observations
+    cells = [((rng.randint(0, 5), rng.randint(0, 5)), (rng.randint(0, 5), rng.randint(0, 5))) for _ in range(6)]
+    return [mouse_observation(mouse, cheese) for mouse, cheese in cells]
 
 
 def _tuple_observations(rng: random.Random) -> list[Observation]:
