@@ -32,7 +32,7 @@ logger = logging.getLogger("policy_server")
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
-NOT_TRAFFIC = frozenset({"/metrics", "/health"})
+NOT_TRAFFIC = frozenset({"/metrics", "/health", "/ready"})  # scrapes and probes, not traffic
 OTHER_ROUTE = "other"  # unknown paths share one label, so scanners cannot blow up the series count
 
 

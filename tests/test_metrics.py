@@ -48,6 +48,7 @@ def test_counts_after_known_traffic(serve: Callable[..., TestClient], make_polic
     assert client.post("/predict", json=everything).status_code == 401
     for _ in range(4):
         client.get("/health")
+        client.get("/ready")
         client.get("/metrics")
     client.get("/no-such-route")
 
@@ -57,7 +58,7 @@ def test_counts_after_known_traffic(serve: Callable[..., TestClient], make_polic
     assert sample_value(text, "policy_server_requests_total", {"route": "/predict", "status": "422"}) == 1
     assert sample_value(text, "policy_server_requests_total", {"route": "/predict", "status": "401"}) == 1
     assert sample_value(text, "policy_server_requests_total", {"route": "other", "status": "404"}) == 1
-    assert 'route="/health"' not in text and 'route="/metrics"' not in text
+    assert not any(f'route="{probe}"' in text for probe in ("/health", "/ready", "/metrics"))
     assert sample_value(text, "policy_server_request_duration_seconds_count", {"route": "/predict_deterministic"}) == 4
     # Forward passes: 4 single requests and one batch of 2 (the 422 and 401 never reach the model).
     assert sample_value(text, "policy_server_batch_size_count") == 5
