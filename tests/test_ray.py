@@ -315,8 +315,9 @@ def _slow_mouse_model() -> torch.nn.Module:
 
 
 def test_a_killed_replica_loses_no_request(local_ray: str, make_policy_dir: MakePolicyDir) -> None:
-    """`uvicorn app:app` joined to the module's Ray via RAY_ADDRESS: SIGKILL its replica while one
-    client keeps a request in flight; Serve replaces the replica, the request it had is sent again,
+    """`uvicorn app:app` joined to the module's Ray via RAY_ADDRESS: SIGKILL its replica while three
+    clients keep requests in flight (with one, the kill could land between two requests, and then
+    nothing needs resending); Serve replaces the replica, the requests it had are sent again,
     every request gets a 200. On SIGTERM the server deletes its application and leaves the Ray it
     joined running."""
     folder = make_policy_dir(MOUSE_SCHEMA, _slow_mouse_model(), 6)
@@ -339,8 +340,9 @@ def test_a_killed_replica_loses_no_request(local_ray: str, make_policy_dir: Make
         (victim_pid,) = _replica_pids(server.url)
         victim = psutil.Process(victim_pid)
         assert victim in descendants(os.getpid())  # the module's Ray runs it: ours to kill
-        load = threading.Thread(target=light_load, args=(server.url,))
-        load.start()
+        loads = [threading.Thread(target=light_load, args=(server.url,)) for _ in range(3)]
+        for load in loads:
+            load.start()
         try:
             wait_until(lambda: len(outcomes) >= 5, 60, "answers before the kill")
             victim.send_signal(signal.SIGKILL)
@@ -348,7 +350,8 @@ def test_a_killed_replica_loses_no_request(local_ray: str, make_policy_dir: Make
             wait_until(lambda: len(outcomes) >= at_kill + 10, 120, "answers after the kill")
         finally:
             stop.set()
-            load.join()
+            for load in loads:
+                load.join()
         wait_until(lambda: _replica_pids(server.url) not in ([], [victim_pid]), 60, "/info shows the new replica")
     assert outcomes == [200] * len(outcomes)
     assert "a replica died with a request in flight" in server.log
