@@ -50,7 +50,9 @@ def create_executor(spec: PolicySpec, settings: Settings, metrics: Metrics | Non
 
         return RayExecutor(spec, settings, observe_batch)
     policy = load_policy(settings.policy_dir, spec)
-    return LocalExecutor(policy, spec.serving.max_batch_size, spec.serving.batch_wait_ms, settings.torch_threads, observe_batch)
+    return LocalExecutor(
+        policy, spec.serving.max_batch_size, spec.serving.batch_wait_ms, settings.torch_threads, observe_batch, settings.inline_budget_ms
+    )
 
 
 def choose_backend(spec: PolicySpec, settings: Settings) -> str:

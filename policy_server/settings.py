@@ -21,6 +21,7 @@ class Settings:
     backend: str | None = None  # overrides serving.backend
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     torch_threads: int = 1
+    inline_budget_ms: float = 1.0  # local: batches estimated cheaper than this run on the event loop
     metrics_enabled: bool = True
     sdk_cache_dir: Path = field(default_factory=lambda: _user_cache() / "clients")
     sdks_in_background: bool = True  # False: generate the SDKs on the first /clients request
@@ -41,6 +42,7 @@ class Settings:
             backend=env.get("POLICY_SERVER_BACKEND") or None,
             max_body_bytes=_positive_int(env, "POLICY_SERVER_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
             torch_threads=_positive_int(env, "POLICY_SERVER_TORCH_THREADS", 1),
+            inline_budget_ms=_number(env, "POLICY_SERVER_INLINE_MS", 1.0, zero_allowed=True),
             metrics_enabled=env.get("POLICY_SERVER_METRICS", "on").strip().lower() != "off",
             sdk_cache_dir=Path(env["POLICY_SERVER_CACHE_DIR"]) / "clients"
             if env.get("POLICY_SERVER_CACHE_DIR")
@@ -50,7 +52,7 @@ class Settings:
             ray_node_ip=env.get("POLICY_SERVER_RAY_NODE_IP") or None,
             ray_metrics_port=_positive_int(env, "POLICY_SERVER_RAY_METRICS_PORT", DEFAULT_RAY_METRICS_PORT),
             ray_cpus=_positive_int(env, "POLICY_SERVER_RAY_CPUS", 2) if env.get("POLICY_SERVER_RAY_CPUS") else None,
-            ray_replica_cpus=_positive_float(env, "POLICY_SERVER_RAY_REPLICA_CPUS", 1.0),
+            ray_replica_cpus=_number(env, "POLICY_SERVER_RAY_REPLICA_CPUS", 1.0),
         )
 
 
@@ -68,14 +70,15 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(raw)
 
 
-def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+def _number(env: Mapping[str, str], name: str, default: float, zero_allowed: bool = False) -> float:
     raw = env.get(name)
     if not raw:
         return default
     try:
         value = float(raw)
     except ValueError:
-        value = 0.0
-    if not value > 0 or value == float("inf"):
-        raise ConfigError("environment", name, f"{raw!r} is not a positive number", f"set {name} to e.g. {default}")
+        value = -1.0
+    if not (value >= 0 if zero_allowed else value > 0) or value == float("inf"):
+        kind = "a number ≥ 0" if zero_allowed else "a positive number"
+        raise ConfigError("environment", name, f"{raw!r} is not {kind}", f"set {name} to e.g. {default}")
     return value

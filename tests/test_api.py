@@ -322,6 +322,17 @@ def test_auth_off_from_the_environment(make_policy_dir: MakePolicyDir, caplog: p
     assert any(r.levelno == logging.WARNING and "auth" in r.getMessage().lower() for r in caplog.records)
 
 
+def test_inline_budget_from_the_environment(tmp_path: Path) -> None:
+    assert Settings.from_env({"POLICY_SERVER_DIR": str(tmp_path)}).inline_budget_ms == 1.0
+    assert Settings.from_env({"POLICY_SERVER_INLINE_MS": "0"}).inline_budget_ms == 0.0  # everything off the loop
+    assert Settings.from_env({"POLICY_SERVER_INLINE_MS": "2.5"}).inline_budget_ms == 2.5
+    for value in ("-1", "soon", "inf"):
+        with pytest.raises(
+            ConfigError, match=f"POLICY_SERVER_INLINE_MS: '{value}' is not a number ≥ 0; fix: set POLICY_SERVER_INLINE_MS to e.g. 1.0"
+        ):
+            Settings.from_env({"POLICY_SERVER_INLINE_MS": value})
+
+
 def test_auth_on_says_so(prefixed: TestClient) -> None:
     assert prefixed.get("/info", headers=AUTH).json()["auth"] == "on"
 

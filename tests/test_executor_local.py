@@ -27,9 +27,10 @@ POISON = 999.0  # a row starting with this makes the recording model raise
 class RecordingModel:
     """Wraps a policy's model: records each forward pass's rows; can be slowed down or made to fail."""
 
-    def __init__(self, model: Callable[[np.ndarray], list[np.ndarray]], delay_s: float = 0.0) -> None:
+    def __init__(self, model: Callable[[np.ndarray], list[np.ndarray]], delay_s: float = 0.0, delay_per_row_s: float = 0.0) -> None:
         self.model = model
         self.delay_s = delay_s
+        self.delay_per_row_s = delay_per_row_s
         self.passes: list[np.ndarray] = []
         self.failed: list[bool] = []
         self.threads: set[str] = set()
@@ -41,8 +42,8 @@ class RecordingModel:
     def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
         self.passes.append(rows.copy())
         self.threads.add(threading.current_thread().name)
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        if self.delay_s or self.delay_per_row_s:
+            time.sleep(self.delay_s + self.delay_per_row_s * len(rows))
         poisoned = bool((rows[:, 0] == POISON).any())
         self.failed.append(poisoned)
         if poisoned:
@@ -62,6 +63,15 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def policy(policy_dir: Path) -> Policy:
     return load_policy(policy_dir, load_policy_spec(policy_dir))
+
+
+INLINE, ON_WORKER = 60_000.0, 0.0  # inline_budget_ms: every batch on the event loop / on the worker thread
+
+
+@pytest.fixture(params=[INLINE, ON_WORKER], ids=["inline", "on-worker"])
+def budget_ms(request: pytest.FixtureRequest) -> float:
+    """Batching must behave the same wherever the batches run."""
+    return float(request.param)
 
 
 def _tasks(count: int, rows_per_task: Sequence[int] = (1,), seed: int = 0) -> list[Task]:
@@ -116,24 +126,27 @@ async def _all_at_once(executor: LocalExecutor, tasks: list[Task]) -> tuple[list
     return list(results), recorder
 
 
-def test_concurrent_requests_are_coalesced(policy: Policy) -> None:
+def test_concurrent_requests_are_coalesced(policy: Policy, budget_ms: float) -> None:
     tasks = _tasks(64)
     expected = [_alone(policy, task) for task in tasks]
-    executor = LocalExecutor(policy, max_batch_size=64)
+    executor = LocalExecutor(policy, max_batch_size=64, inline_budget_ms=budget_ms)
 
     results, recorder = asyncio.run(_all_at_once(executor, tasks))
     assert max(recorder.sizes) > 1, recorder.sizes
     assert sum(recorder.sizes) == 64
     assert len(recorder.sizes) < 64
-    assert all(name.startswith("policy") for name in recorder.threads)  # off the event loop
+    if budget_ms == INLINE:
+        assert recorder.threads == {threading.current_thread().name}
+    else:
+        assert all(name.startswith("policy") for name in recorder.threads)  # off the event loop
     for result, want in zip(results, expected, strict=True):
         _assert_same(result, want)
 
 
-def test_multi_row_tasks_are_split_back_correctly(policy: Policy) -> None:
+def test_multi_row_tasks_are_split_back_correctly(policy: Policy, budget_ms: float) -> None:
     tasks = _tasks(30, rows_per_task=(1, 3, 2, 5))
     expected = [_alone(policy, task) for task in tasks]
-    executor = LocalExecutor(policy, max_batch_size=16)
+    executor = LocalExecutor(policy, max_batch_size=16, inline_budget_ms=budget_ms)
 
     results, recorder = asyncio.run(_all_at_once(executor, tasks))
     assert sum(recorder.sizes) == sum(len(task.rows) for task in tasks)
@@ -144,12 +157,12 @@ def test_multi_row_tasks_are_split_back_correctly(policy: Policy) -> None:
         assert rows == len(task.rows)
 
 
-def test_max_batch_size_is_respected_except_for_one_big_task(policy: Policy) -> None:
+def test_max_batch_size_is_respected_except_for_one_big_task(policy: Policy, budget_ms: float) -> None:
     small = _tasks(40, rows_per_task=(1, 2, 3), seed=1)
     big = _tasks(1, rows_per_task=(20,), seed=2)[0]
     tasks = [*small[:20], big, *small[20:]]
     expected = [_alone(policy, task) for task in tasks]
-    executor = LocalExecutor(policy, max_batch_size=8)
+    executor = LocalExecutor(policy, max_batch_size=8, inline_budget_ms=budget_ms)
 
     results, recorder = asyncio.run(_all_at_once(executor, tasks))
     assert sum(recorder.sizes) == sum(len(task.rows) for task in tasks)
@@ -161,9 +174,9 @@ def test_max_batch_size_is_respected_except_for_one_big_task(policy: Policy) -> 
         _assert_same(result, want)
 
 
-def _two_spaced_requests(policy: Policy, batch_wait_ms: float) -> list[int]:
+def _two_spaced_requests(policy: Policy, batch_wait_ms: float, budget_ms: float) -> list[int]:
     """One request, a pause, a second one: the batch sizes the model saw."""
-    executor = LocalExecutor(policy, max_batch_size=2, batch_wait_ms=batch_wait_ms)
+    executor = LocalExecutor(policy, max_batch_size=2, batch_wait_ms=batch_wait_ms, inline_budget_ms=budget_ms)
     first, second = _tasks(2, seed=3)
     expected = [_alone(policy, first), _alone(policy, second)]
 
@@ -182,16 +195,16 @@ def _two_spaced_requests(policy: Policy, batch_wait_ms: float) -> list[int]:
     return asyncio.run(scenario())
 
 
-def test_batch_wait_collects_more_rows(policy: Policy) -> None:
-    assert _two_spaced_requests(policy, batch_wait_ms=0) == [1, 1]
+def test_batch_wait_collects_more_rows(policy: Policy, budget_ms: float) -> None:
+    assert _two_spaced_requests(policy, 0, budget_ms) == [1, 1]
     # Held up to 30 s for a second row; max_batch_size=2 sends it as soon as that row arrives.
-    assert _two_spaced_requests(policy, batch_wait_ms=30_000) == [2]
+    assert _two_spaced_requests(policy, 30_000, budget_ms) == [2]
 
 
-def test_stop_answers_everything_queued_and_ends_the_thread(policy: Policy) -> None:
+def test_stop_answers_everything_queued_and_ends_the_thread(policy: Policy, budget_ms: float) -> None:
     tasks = _tasks(40, seed=4)
     expected = [_alone(policy, task) for task in tasks]
-    executor = LocalExecutor(policy, max_batch_size=4)
+    executor = LocalExecutor(policy, max_batch_size=4, inline_budget_ms=budget_ms)
 
     async def scenario() -> tuple[list[Result], RecordingModel, int]:
         recorder = await _started(executor)
@@ -224,14 +237,14 @@ def test_start_and_stop_leave_no_thread(policy: Policy) -> None:
     assert _policy_threads() == []
 
 
-def test_a_failing_model_fails_only_its_batch(policy: Policy, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failing_model_fails_only_its_batch(policy: Policy, budget_ms: float, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="policy_server")
     tasks = _tasks(16, seed=6)
     poisoned_index = 9
     tasks[poisoned_index].rows[0, 0] = POISON
     expected = [_alone(policy, task) if i != poisoned_index else None for i, task in enumerate(tasks)]
     after = _tasks(5, seed=7)
-    executor = LocalExecutor(policy, max_batch_size=4)
+    executor = LocalExecutor(policy, max_batch_size=4, inline_budget_ms=budget_ms)
 
     async def scenario() -> tuple[list[Result | BaseException], list[Result], RecordingModel]:
         recorder = await _started(executor)
@@ -265,11 +278,11 @@ def test_a_failing_model_fails_only_its_batch(policy: Policy, caplog: pytest.Log
         _assert_same(result, _alone(policy, task))
 
 
-def test_an_input_error_fails_only_its_task(policy: Policy) -> None:
+def test_an_input_error_fails_only_its_task(policy: Policy, budget_ms: float) -> None:
     tasks = _tasks(8, seed=8)
     narrow = Task(np.zeros((1, 5), dtype=np.float32), Kind.DETERMINISTIC)
     tasks.insert(3, narrow)
-    executor = LocalExecutor(policy, max_batch_size=64)
+    executor = LocalExecutor(policy, max_batch_size=64, inline_budget_ms=budget_ms)
 
     async def scenario() -> list[Result | BaseException]:
         await executor.start()
@@ -287,8 +300,9 @@ def test_an_input_error_fails_only_its_task(policy: Policy) -> None:
 
 
 def test_a_cancelled_request_does_not_break_the_loop(policy: Policy) -> None:
+    """On the worker, so that a cancelled request's batch can be mid-computation."""
     tasks = _tasks(12, seed=9)
-    executor = LocalExecutor(policy, max_batch_size=2)
+    executor = LocalExecutor(policy, max_batch_size=2, inline_budget_ms=ON_WORKER)
 
     expected = [_alone(policy, task) for task in tasks]
 
@@ -317,6 +331,33 @@ def test_a_cancelled_request_does_not_break_the_loop(policy: Policy) -> None:
             _assert_same(result, want)
     _assert_same(later, expected[5])
     assert _policy_threads() == []
+
+
+def test_batches_run_where_their_measured_cost_says(policy: Policy) -> None:
+    """A model taking 0.1 ms a row, a budget of 2 ms: one-row batches run on the event loop,
+    a 40-row task (~4 ms, estimated from the start-up timings) on the worker thread."""
+    executor = LocalExecutor(policy, max_batch_size=64, inline_budget_ms=2.0)
+    recorder = RecordingModel(policy.model, delay_per_row_s=0.0001)
+    policy.model = recorder  # before start(): the start-up timings see the slow model
+    small, big = _tasks(1, seed=10)[0], _tasks(1, rows_per_task=(40,), seed=11)[0]
+
+    async def scenario() -> list[str]:
+        await executor.start()
+        places = []
+        try:
+            for task in (small, big, small):
+                recorder.threads.clear()
+                await executor.run(task)
+                (place,) = recorder.threads
+                places.append(place)
+        finally:
+            await executor.stop()
+        return places
+
+    loop_thread = threading.current_thread().name
+    first, second, third = asyncio.run(scenario())
+    assert first == third == loop_thread
+    assert second.startswith("policy")
 
 
 def test_describe_names_the_backend(policy: Policy) -> None:

@@ -1,32 +1,55 @@
 """The default executor: the policy in this process, concurrent requests coalesced.
 
-Requests wait in a pending list. When the worker thread is free, everything pending (up to
-`max_batch_size` rows) leaves as one batch: one forward pass, off the event loop. Requests that
-arrive while it computes form the next batch, so a lone request never waits and throughput rises
-with load. `batch_wait_ms` > 0 additionally holds a batch that long for more rows.
+Requests wait in a pending list. When the executor is free, everything pending (up to
+`max_batch_size` rows) leaves as one batch: one forward pass. Requests that arrive while it
+computes form the next batch, so a lone request never waits and throughput rises with load.
+`batch_wait_ms` > 0 additionally holds a batch that long for more rows.
 
-No batching task sits in between: the request that finds the worker free hands its batch over
-itself, and the worker's completion callback hands over the next one. Each hop through the event
-loop costs tens of microseconds, which is the whole budget of a small policy.
+Where a batch runs depends on its cost. Handing a batch to the worker thread and back costs a
+round trip through the event loop (~90 µs on a 2-core VM, more under load), about what a small
+policy needs for a whole small batch; and a small policy's forward pass is mostly Python holding
+the GIL, so the loop could not run beside it anyway. So a batch whose estimated forward pass is
+under `inline_budget_ms` (1 ms by default) runs on the event loop; any other batch runs on the
+worker thread, so a large batch or a slow model never stalls the server. The estimate is linear
+in rows, from the policy timed at start-up on one row and on a full batch.
+
+No batching task sits in between: the request that finds the executor free schedules the batch
+one loop turn later (so requests parsed in the same turn join it), and each finished batch
+schedules the next.
 """
 
 import asyncio
 import logging
+import statistics
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from policy_server.errors import InputError, PolicyFailure
-from policy_server.policy import Policy, Result, Task
+from policy_server.policy import Kind, Policy, Result, Task
 from policy_server.runtimes import gpu_memory
 
 logger = logging.getLogger("policy_server")
 
 _Pending = tuple[Task, "asyncio.Future[Result]"]
+_CALIBRATION_REPEATS = 15
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """A batch's forward pass, estimated from timings of one row and of a full batch."""
+
+    one_row_s: float
+    per_extra_row_s: float
+
+    def seconds(self, rows: int) -> float:
+        return self.one_row_s + (rows - 1) * self.per_extra_row_s
 
 
 class LocalExecutor:
@@ -40,8 +63,11 @@ class LocalExecutor:
         batch_wait_ms: float = 0.0,
         torch_threads: int = 1,
         observe_batch: Callable[[int, float], None] | None = None,
+        inline_budget_ms: float = 1.0,
     ) -> None:
         self.policy = policy
+        self.inline_budget_s = inline_budget_ms / 1000  # batches estimated cheaper run on the event loop
+        self.cost: CostModel | None = None  # measured at start
         self.observe_batch = observe_batch  # (rows, seconds) of each batch, for the metrics
         self.max_batch_rows = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000
@@ -63,12 +89,29 @@ class LocalExecutor:
         self._loop = asyncio.get_running_loop()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
         await self._loop.run_in_executor(self._worker, self._warm_up)
+        self.cost = self._measure_cost()
         self._idle.set()
         self._ready = True
 
     def _warm_up(self) -> None:
         torch.set_num_threads(self.torch_threads)
         self.policy.warm_up()
+
+    def _measure_cost(self) -> CostModel:
+        one_row, full = self._time_policy(1), self._time_policy(self.max_batch_rows)
+        per_extra_row = (full - one_row) / (self.max_batch_rows - 1) if self.max_batch_rows > 1 else 0.0
+        return CostModel(one_row, max(per_extra_row, 0.0))
+
+    def _time_policy(self, rows: int) -> float:
+        """The median of a few runs, on the loop's thread (which runs the inline batches)."""
+        torch.set_num_threads(self.torch_threads)
+        task = Task(np.zeros((rows, self.policy.input_size), dtype=np.float32), Kind.SAMPLE)
+        timings = []
+        for _ in range(_CALIBRATION_REPEATS):
+            started = time.perf_counter()
+            self.policy.run([task])
+            timings.append(time.perf_counter() - started)
+        return statistics.median(timings)
 
     async def stop(self) -> None:
         """Answer every accepted task, then end the worker thread."""
@@ -88,7 +131,7 @@ class LocalExecutor:
             if self.batch_wait_s > 0 and self._pending_rows < self.max_batch_rows:
                 self._wait = self._loop.call_later(self.batch_wait_s, self._dispatch)
             else:
-                self._dispatch()
+                self._loop.call_soon(self._dispatch)  # requests parsed in this loop turn join the batch
         elif self._wait is not None and self._pending_rows >= self.max_batch_rows:
             self._dispatch()  # the waiting batch is full: no need to wait longer
         return await future
@@ -98,7 +141,7 @@ class LocalExecutor:
         return info | {"backend": self.backend, "replicas": 1, "gpu_memory": gpu_memory(info["device"])}
 
     def _dispatch(self) -> None:
-        """Hand the next batch to the worker (on the event loop; `_busy` is already set)."""
+        """Run the next batch, inline or on the worker (on the event loop; `_busy` is already set)."""
         if self._wait is not None:
             self._wait.cancel()
             self._wait = None
@@ -114,11 +157,19 @@ class LocalExecutor:
             rows += len(item[0].rows)
         del self._pending[: len(batch)]
         self._pending_rows -= rows
-        assert self._worker is not None
-        self._worker.submit(self._compute, batch)
+        assert self._worker is not None and self.cost is not None
+        if self.cost.seconds(rows) < self.inline_budget_s:
+            self._deliver(batch, self._compute(batch))
+        else:
+            self._worker.submit(self._compute_on_worker, batch)
 
-    def _compute(self, batch: list[_Pending]) -> None:
-        """On the worker thread: one forward pass for the batch, results back to the loop."""
+    def _compute_on_worker(self, batch: list[_Pending]) -> None:
+        results = self._compute(batch)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, batch, results)
+
+    def _compute(self, batch: list[_Pending]) -> list[Result | PolicyFailure]:
+        """One forward pass for the batch; a failure fails this batch only."""
         started = time.perf_counter()
         try:
             results: list[Result | PolicyFailure] = list(self.policy.run([task for task, _ in batch]))
@@ -128,8 +179,7 @@ class LocalExecutor:
             error_id = uuid.uuid4().hex[:12]
             logger.exception("the policy failed on a batch of %d requests (error id %s)", len(batch), error_id)
             results = [PolicyFailure(error_id)] * len(batch)
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._deliver, batch, results)
+        return results
 
     def _deliver(self, batch: list[_Pending], results: list[Result | PolicyFailure]) -> None:
         for (_, future), result in zip(batch, results, strict=True):
@@ -139,4 +189,5 @@ class LocalExecutor:
                 future.set_exception(result)
             else:
                 future.set_result(result)
-        self._dispatch()
+        assert self._loop is not None
+        self._loop.call_soon(self._dispatch)  # after this turn: its requests can join the next batch
