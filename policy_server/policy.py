@@ -121,9 +121,11 @@ class Policy:
         """Answer every task with one forward pass; a task's own input error is its result."""
         results: list[Result | None] = [self._check_width(task) for task in tasks]
         valid = [i for i, r in enumerate(results) if r is None]
-        if valid:
-            rows = np.concatenate([tasks[i].rows for i in valid]) if len(valid) > 1 else tasks[valid[0]].rows
-            parameters = self.parameters(rows)
+        if len(valid) == 1:  # the rows as they are: no concatenation, no slicing back
+            (only,) = valid
+            results[only] = self._answer(tasks[only], self.parameters(tasks[only].rows))
+        elif valid:
+            parameters = self.parameters(np.concatenate([tasks[i].rows for i in valid]))
             start = 0
             for i in valid:
                 stop = start + len(tasks[i].rows)
@@ -160,7 +162,7 @@ class Policy:
             error_id = uuid.uuid4().hex[:12]
             logger.error("the model gave NaN or infinite outputs for rows %s (error id %s)", task.rows.tolist(), error_id)
             return PolicyFailure(error_id)
-        blocked = _first_blocked_row(parameters)
+        blocked = _first_blocked_row(parameters) if self.mask_columns is not None else None  # only a mask blocks a row
         if blocked is not None:
             row, head = blocked
             loc: tuple[str | int, ...] = ("body", "observations", row) if len(task.rows) > 1 else ("body",)
@@ -181,8 +183,10 @@ def _all_finite(parameters: list[HeadParameters]) -> bool:
 def masked_softmax(logits: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """Softmax per row; masked actions get exactly 0. A row with nothing allowed is all 0."""
     logits = np.clip(logits, -_HUGE, _HUGE)  # a model's ±inf logit: certainty, not NaN (NaN stays NaN)
-    if mask is not None:
-        logits = np.where(mask, logits, -np.inf)
+    if mask is None:  # every row has a finite peak: no guard needed
+        weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return weights / weights.sum(axis=1, keepdims=True)
+    logits = np.where(mask, logits, -np.inf)
     peak = logits.max(axis=1, keepdims=True)
     peak = np.where(np.isfinite(peak), peak, 0.0)
     weights = np.exp(logits - peak)

