@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from pydantic import TypeAdapter
+
 from policy_server.clients import LANGUAGES, ClientSDKError, write_clients
 from policy_server.errors import ConfigError
 from policy_server.loading import SCHEMA_FILE, load_policy, load_policy_spec, model_file
@@ -69,7 +71,7 @@ class Commands:
             labels = f" {head['labels']}" if head.get("labels") else ""
             print(f"head {head['name']}: {head['kind']}, {shape}{labels}")
         if spec.observations is not None:
-            observation = observation_model(spec).model_validate(example_observation(spec))
+            observation = TypeAdapter(observation_model(spec)).validate_python(example_observation(spec))
             decisions = policy.run([Task(RowEncoder(spec).encode([observation]), Kind.DETERMINISTIC)])[0]
             assert not isinstance(decisions, Exception)
             print(f"example observation {json.dumps(example_observation(spec))}")

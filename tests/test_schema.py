@@ -3,11 +3,11 @@
 import json
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import numpy as np
 import pytest
-from pydantic import BaseModel, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from policy_server.errors import ConfigError, InputError
 from policy_server.observations import RowEncoder, observation_model
@@ -26,8 +26,11 @@ def spec_of(tmp_path: Path, text: str) -> PolicySpec:
     return load_spec(write(tmp_path, text))
 
 
-def model_of(tmp_path: Path, observations: str) -> type[BaseModel]:
-    return observation_model(spec_of(tmp_path, PARAMS + "observations:\n" + textwrap.indent(textwrap.dedent(observations), "  ")))
+def model_of(tmp_path: Path, observations: str) -> TypeAdapter[Any]:
+    """The /predict body's validator (FastAPI validates with the same TypeAdapter)."""
+    return TypeAdapter(
+        observation_model(spec_of(tmp_path, PARAMS + "observations:\n" + textwrap.indent(textwrap.dedent(observations), "  ")))
+    )
 
 
 def assert_one_line_error(error: ConfigError, path: Path, key: str) -> str:
@@ -67,13 +70,20 @@ def test_all_six_types_parse(tmp_path: Path) -> None:
 
 
 def test_six_types_become_typed_fields(tmp_path: Path) -> None:
-    model = model_of(tmp_path, SIX_TYPES)
-    annotations = [info.annotation for info in model.model_fields.values()]
-    assert annotations == [int, float, bool, list[int], list[float], list[bool]]
-    assert [info.alias for info in model.model_fields.values()] == ["a_int", "b_float", "c_bool", "d_ints", "e_floats", "f_bools"]
-    good = {"a_int": 3, "b_float": 2.5, "c_bool": True, "d_ints": [1, 2], "e_floats": [0.5], "f_bools": [True, False]}
-    values = model.model_validate(good).__dict__
-    assert list(values.values()) == [3, 2.5, True, [1, 2], [0.5], [True, False]]
+    observation = observation_model(spec_of(tmp_path, PARAMS + "observations:\n" + textwrap.indent(SIX_TYPES, "  ")))
+    hints = get_type_hints(observation)
+    assert list(hints) == ["a_int", "b_float", "c_bool", "d_ints", "e_floats", "f_bools"]
+    assert list(hints.values()) == [int, float, bool, list[int], list[float], list[bool]]
+    good = {"f_bools": [True, False], "e_floats": [0.5], "d_ints": [1, 2], "c_bool": True, "b_float": 2.5, "a_int": 3}
+    values = TypeAdapter(observation).validate_python(good)
+    assert list(values.items()) == [
+        ("a_int", 3),
+        ("b_float", 2.5),
+        ("c_bool", True),
+        ("d_ints", [1, 2]),
+        ("e_floats", [0.5]),
+        ("f_bools", [True, False]),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -94,7 +104,7 @@ def test_wrong_value_types_are_refused(tmp_path: Path, key: str, bad: Any) -> No
     model = model_of(tmp_path, SIX_TYPES)
     body = {"a_int": 3, "b_float": 2.5, "c_bool": True, "d_ints": [1, 2], "e_floats": [0.5], "f_bools": [True]}
     with pytest.raises(ValidationError) as info:
-        model.model_validate(body | {key: bad})
+        model.validate_python(body | {key: bad})
     assert info.value.errors()[0]["loc"][0] == key
 
 
@@ -165,14 +175,14 @@ def test_item_counts_are_each_enforced(
 ) -> None:
     model = model_of(tmp_path, f"xs: {{type: 'List[int]', {counts}}}\n")
     for value in ok:
-        assert model.model_validate({"xs": value}).__dict__["f0"] == value
+        assert model.validate_python({"xs": value})["xs"] == value
     if too_few is not None:
         with pytest.raises(ValidationError) as info:
-            model.model_validate({"xs": too_few})
+            model.validate_python({"xs": too_few})
         assert info.value.errors()[0]["type"] == "too_short"
     if too_many is not None:
         with pytest.raises(ValidationError) as info:
-            model.model_validate({"xs": too_many})
+            model.validate_python({"xs": too_many})
         assert info.value.errors()[0]["type"] == "too_long"
 
 
@@ -195,11 +205,11 @@ def test_scalar_bounds_are_enforced(tmp_path: Path, kind: str) -> None:
         f"low: {{type: {kind}, minimum: 0}}\nhigh: {{type: {kind}, maximum: 4}}\nboth: {{type: {kind}, minimum: -2, maximum: 2}}\n",
     )
     good = {"low": 0, "high": 4, "both": -2}
-    model.model_validate(good)
-    model.model_validate({"low": 1000, "high": -1000, "both": 2})
+    model.validate_python(good)
+    model.validate_python({"low": 1000, "high": -1000, "both": 2})
     for key, bad in [("low", -1), ("high", 5), ("both", -3), ("both", 3)]:
         with pytest.raises(ValidationError) as info:
-            model.model_validate(good | {key: bad})
+            model.validate_python(good | {key: bad})
         assert info.value.errors()[0]["loc"][0] == key
         assert info.value.errors()[0]["type"] in ("greater_than_equal", "less_than_equal")
 
@@ -207,10 +217,10 @@ def test_scalar_bounds_are_enforced(tmp_path: Path, kind: str) -> None:
 @pytest.mark.parametrize("kind", ["int", "float"])
 def test_list_element_bounds_are_enforced(tmp_path: Path, kind: str) -> None:
     model = model_of(tmp_path, f"xs: {{type: 'List[{kind}]', minimum: 0, maximum: 9}}\n")
-    assert model.model_validate({"xs": [0, 9, 4]}).__dict__["f0"] == [0, 9, 4]
+    assert model.validate_python({"xs": [0, 9, 4]})["xs"] == [0, 9, 4]
     for bad in ([0, 10], [-1], [3, 4, 5, 100]):
         with pytest.raises(ValidationError) as info:
-            model.model_validate({"xs": bad})
+            model.validate_python({"xs": bad})
         assert info.value.errors()[0]["loc"][:2] == ("xs", bad.index(next(v for v in bad if not 0 <= v <= 9)))
 
 
@@ -218,18 +228,18 @@ def test_nan_and_infinity_are_refused(tmp_path: Path) -> None:
     model = model_of(tmp_path, "x: {type: float}\nxs: {type: 'List[float]'}\n")
     for bad in ({"x": float("nan"), "xs": []}, {"x": float("inf"), "xs": []}, {"x": 0, "xs": [float("-inf")]}):
         with pytest.raises(ValidationError):
-            model.model_validate(bad)
+            model.validate_python(bad)
 
 
 def test_unknown_request_keys_are_ignored(tmp_path: Path) -> None:
     model = model_of(tmp_path, "x: {type: float}\n")
-    assert model.model_validate({"x": 1, "y": 2, "reward": [1, 2]}).model_dump() == {"f0": 1.0}
+    assert model.validate_python({"x": 1, "y": 2, "reward": [1, 2]}) == {"x": 1.0}
 
 
 def test_odd_observation_names_work(tmp_path: Path) -> None:
     model = model_of(tmp_path, "model_config: {type: float}\nmax-speed: {type: int}\nf1: {type: bool}\n")
-    values = model.model_validate({"model_config": 1.5, "max-speed": 3, "f1": True}).__dict__
-    assert list(values.values()) == [1.5, 3, True]
+    values = model.validate_python({"model_config": 1.5, "max-speed": 3, "f1": True})
+    assert values == {"model_config": 1.5, "max-speed": 3, "f1": True}
 
 
 def test_descriptions_appear_in_the_json_schema(tmp_path: Path) -> None:
@@ -240,7 +250,7 @@ def test_descriptions_appear_in_the_json_schema(tmp_path: Path) -> None:
           cells: {type: "List[int]", min_items: 2, max_items: 3, description: "free cells"}
           plain: {type: int}
         """)
-    properties = observation_model(spec_of(tmp_path, text)).model_json_schema()["properties"]
+    properties = TypeAdapter(observation_model(spec_of(tmp_path, text))).json_schema()["properties"]
     assert properties["mouse_row"]["description"] == "row of the mouse"
     assert properties["mouse_row"]["minimum"] == 0 and properties["mouse_row"]["maximum"] == 9
     assert properties["cells"]["description"] == "free cells"
@@ -518,16 +528,16 @@ f: {type: "List[float]", min_items: 1, max_items: 1}
 """
 
 
-def encoder_and_model(tmp_path: Path, observations: str) -> tuple[RowEncoder, type[BaseModel]]:
+def encoder_and_model(tmp_path: Path, observations: str) -> tuple[RowEncoder, TypeAdapter[Any]]:
     spec = spec_of(tmp_path, PARAMS + "observations:\n" + textwrap.indent(observations, "  "))
-    return RowEncoder(spec), observation_model(spec)
+    return RowEncoder(spec), TypeAdapter(observation_model(spec))
 
 
 def test_rows_are_in_schema_order_with_bools_as_numbers(tmp_path: Path) -> None:
     encoder, model = encoder_and_model(tmp_path, ENCODER_OBSERVATIONS)
     # keys sent in reverse order, plus an unknown one: the row follows the schema
-    first = model.model_validate({"zz": 9, "f": [-0.25], "e": 7, "d": [True, False], "c": [3, 4], "b": False, "a": 1.5})
-    second = model.model_validate({"a": -2, "b": True, "c": [0, -1], "d": [False, True], "e": 0, "f": [8]})
+    first = model.validate_python({"zz": 9, "f": [-0.25], "e": 7, "d": [True, False], "c": [3, 4], "b": False, "a": 1.5})
+    second = model.validate_python({"a": -2, "b": True, "c": [0, -1], "d": [False, True], "e": 0, "f": [8]})
     rows = encoder.encode([first, second])
     assert rows.dtype == np.float32
     expected = np.array([[1.5, 0, 3, 4, 1, 0, 7, -0.25], [-2, 1, 0, -1, 0, 1, 0, 8]], dtype=np.float32)
@@ -536,17 +546,17 @@ def test_rows_are_in_schema_order_with_bools_as_numbers(tmp_path: Path) -> None:
 
 def test_rows_of_scalars_only(tmp_path: Path) -> None:
     encoder, model = encoder_and_model(tmp_path, "x: {type: int}\ny: {type: bool}\nz: {type: float}\n")
-    rows = encoder.encode([model.model_validate({"z": 0.5, "y": True, "x": 3})])
+    rows = encoder.encode([model.validate_python({"z": 0.5, "y": True, "x": 3})])
     np.testing.assert_array_equal(rows, np.array([[3, 1, 0.5]], dtype=np.float32))
     assert rows.dtype == np.float32
 
 
 def test_variable_lists_flatten_and_must_agree_within_a_batch(tmp_path: Path) -> None:
     encoder, model = encoder_and_model(tmp_path, "xs: {type: 'List[float]'}\nflag: {type: bool}\n")
-    one = encoder.encode([model.model_validate({"xs": [1, 2, 3], "flag": True})])
+    one = encoder.encode([model.validate_python({"xs": [1, 2, 3], "flag": True})])
     np.testing.assert_array_equal(one, np.array([[1, 2, 3, 1]], dtype=np.float32))
     with pytest.raises(InputError) as info:
-        encoder.encode([model.model_validate({"xs": [1], "flag": True}), model.model_validate({"xs": [1, 2], "flag": True})])
+        encoder.encode([model.validate_python({"xs": [1], "flag": True}), model.validate_python({"xs": [1, 2], "flag": True})])
     assert info.value.kind == "list_lengths"
 
 
@@ -563,14 +573,14 @@ def test_variable_lists_flatten_and_must_agree_within_a_batch(tmp_path: Path) ->
 def test_float32_overflow_is_an_input_error(tmp_path: Path, observations: str, body: dict[str, Any]) -> None:
     encoder, model = encoder_and_model(tmp_path, observations)
     with pytest.raises(InputError) as info:
-        encoder.encode([model.model_validate(body)])
+        encoder.encode([model.validate_python(body)])
     assert info.value.kind == "out_of_range"
     assert info.value.as_detail()[0]["type"] == "out_of_range"
 
 
 def test_largest_float32_still_encodes(tmp_path: Path) -> None:
     encoder, model = encoder_and_model(tmp_path, "x: {type: float}\n")
-    assert encoder.encode([model.model_validate({"x": 3.0e38})])[0, 0] == np.float32(3.0e38)
+    assert encoder.encode([model.validate_python({"x": 3.0e38})])[0, 0] == np.float32(3.0e38)
 
 
 # --- the api key never leaves ------------------------------------------------------------------
