@@ -37,9 +37,9 @@ def model_file(policy_dir: Path, spec: PolicySpec) -> Path:
     return find_model_file(policy_dir, spec.model_path)
 
 
-def load_policy(policy_dir: Path, spec: PolicySpec, device: str = "cpu") -> Policy:
+def load_policy(policy_dir: Path, spec: PolicySpec, device: str = "cpu", cache_dir: Path | None = None) -> Policy:
     """Load the model onto `device`, check it against the schema, and read its heads."""
-    runtime = load_runtime(model_file(policy_dir, spec), device)
+    runtime = load_runtime(model_file(policy_dir, spec), device, cache_dir)
     info = ModelInfo(
         path=str(runtime.path),
         format=runtime.format,

@@ -8,6 +8,7 @@ holding one of them, optionally with a schema.yaml). Nothing here knows about sc
 import hashlib
 import io
 import logging
+import os
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -96,15 +97,51 @@ def _bundle_members(archive: zipfile.ZipFile) -> list[str]:
     return [n for n in archive.namelist() if not n.endswith("/") and not n.startswith("__MACOSX/") and not Path(n).name.startswith("._")]
 
 
-def load_runtime(path: Path, device: str = "cpu") -> Runtime:
-    """The model of `path`, its weights on `device` (ONNX models always run on the CPU)."""
+def load_runtime(path: Path, device: str = "cpu", cache_dir: Path | None = None) -> Runtime:
+    """The model of `path`, its weights on `device` (ONNX models always run on the CPU).
+    `cache_dir` keeps the TorchScript traces of `.pt2` models between starts (see `TraceCache`)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(path, "model", f"cannot be read ({exc.strerror})", "check the file's permissions") from None
-    runtime = _load_bundle(path, device) if path.suffix == ".zip" else _load_bytes(path, path.suffix, data, device)
-    runtime.sha256 = hashlib.sha256(data).hexdigest()
+    sha256 = hashlib.sha256(data).hexdigest()
+    cache = TraceCache(cache_dir, sha256) if cache_dir is not None and device == "cpu" else None
+    runtime = _load_bundle(path, device, cache) if path.suffix == ".zip" else _load_bytes(path, path.suffix, data, device, cache)
+    runtime.sha256 = sha256
     return runtime
+
+
+class TraceCache:
+    """Where the verified TorchScript trace of a `.pt2` waits for the next start.
+
+    Loading a `.pt2` imports torch's export machinery (sympy, dynamo): ~1.6 s and ~100 MiB more
+    than loading TorchScript. The trace served is the same either way, so a restart loads it from
+    here, keyed by the model file's sha256 and torch's version. Best effort: a cache that cannot
+    be read or written only costs the slower start.
+    """
+
+    def __init__(self, directory: Path, sha256: str) -> None:
+        self.file = directory / f"{sha256}-torch{torch.__version__}.pt"
+
+    def load(self) -> tuple[torch.jit.ScriptModule, int] | None:
+        if not self.file.is_file():
+            return None
+        try:
+            extra = {"input_size": ""}
+            module = torch.jit.load(str(self.file), _extra_files=extra)
+            return module, int(extra["input_size"])
+        except Exception as exc:  # a truncated or foreign file: load the .pt2 itself, and write it anew
+            logger.warning("ignoring the cached trace %s (%s)", self.file, first_line(exc))
+            return None
+
+    def save(self, module: torch.jit.ScriptModule, input_size: int) -> None:
+        partial_file = self.file.with_suffix(f".{os.getpid()}.partial")  # workers may write at once: rename is atomic
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            torch.jit.save(module, str(partial_file), _extra_files={"input_size": str(input_size)})
+            partial_file.replace(self.file)
+        except OSError as exc:
+            logger.warning("cannot cache the model's trace in %s (%s): the next start loads the .pt2 again", self.file.parent, exc)
 
 
 def gpu_memory(device: str) -> dict[str, int] | None:
@@ -115,8 +152,12 @@ def gpu_memory(device: str) -> dict[str, int] | None:
     return {"used_bytes": torch.cuda.memory_allocated(index), "total_bytes": torch.cuda.get_device_properties(index).total_memory}
 
 
-def _load_bytes(path: Path, suffix: str, data: bytes, device: str = "cpu") -> Runtime:
-    loaders = {".pt2": partial(_load_exported, device=device), ".pt": partial(_load_torchscript, device=device), ".onnx": _load_onnx}
+def _load_bytes(path: Path, suffix: str, data: bytes, device: str = "cpu", cache: TraceCache | None = None) -> Runtime:
+    loaders = {
+        ".pt2": partial(_load_exported, device=device, cache=cache),
+        ".pt": partial(_load_torchscript, device=device),
+        ".onnx": _load_onnx,
+    }
     if suffix not in loaders:
         raise ConfigError(
             path, "model", f"unknown model format '{suffix}'", "use a .pt2 (torch.export), .pt (TorchScript), .onnx or saved_model.zip"
@@ -151,11 +192,18 @@ def _first_layer_width(module: torch.nn.Module) -> int | None:
     return None
 
 
-def _load_exported(path: Path, data: bytes, device: str = "cpu") -> Runtime:
+def _load_exported(path: Path, data: bytes, device: str = "cpu", cache: TraceCache | None = None) -> Runtime:
+    cached = cache.load() if cache is not None else None
+    if cached is not None:
+        module, width = cached
+        return Runtime(path=path, format="torch.export", forward=module, input_size=width, device=device)
     program = torch.export.load(io.BytesIO(data))
     if device != "cpu":
         program = move_to_device_pass(program, device)
-    return Runtime(path=path, format="torch.export", forward=_exported_forward(program), input_size=_exported_width(program), device=device)
+    forward, width = _exported_forward(program), _exported_width(program)
+    if cache is not None and width is not None and isinstance(forward, torch.jit.ScriptModule):
+        cache.save(forward, width)
+    return Runtime(path=path, format="torch.export", forward=forward, input_size=width, device=device)
 
 
 def _exported_width(program: torch.export.ExportedProgram) -> int | None:
@@ -238,7 +286,7 @@ def _open_bundle(bundle: Path) -> zipfile.ZipFile:
         raise ConfigError(bundle, "model", f"is not a readable zip ({exc})", "re-create the bundle with zip") from None
 
 
-def _load_bundle(bundle: Path, device: str = "cpu") -> Runtime:
+def _load_bundle(bundle: Path, device: str = "cpu", cache: TraceCache | None = None) -> Runtime:
     with _open_bundle(bundle) as archive:
         members = [n for n in _bundle_members(archive) if Path(n).suffix in BUNDLED_SUFFIXES]
         if len(members) != 1:
@@ -250,7 +298,7 @@ def _load_bundle(bundle: Path, device: str = "cpu") -> Runtime:
                 "zip one model file, optionally with schema.yaml",
             )
         data = archive.read(members[0])
-    runtime = _load_bytes(bundle, Path(members[0]).suffix, data, device)
+    runtime = _load_bytes(bundle, Path(members[0]).suffix, data, device, cache)
     runtime.format = f"bundle/{runtime.format}"
     return runtime
 

@@ -49,7 +49,7 @@ def create_executor(spec: PolicySpec, settings: Settings, metrics: Metrics | Non
         from policy_server.executors.ray import RayExecutor  # Ray takes seconds to import: only when asked for
 
         return RayExecutor(spec, settings, observe_batch)
-    policy = load_policy(settings.policy_dir, spec)
+    policy = load_policy(settings.policy_dir, spec, cache_dir=settings.model_cache_dir)
     return LocalExecutor(
         policy, spec.serving.max_batch_size, spec.serving.batch_wait_ms, settings.torch_threads, observe_batch, settings.inline_budget_ms
     )

@@ -24,6 +24,7 @@ class Settings:
     inline_budget_ms: float = 1.0  # local: batches estimated cheaper than this run on the event loop
     metrics_enabled: bool = True
     sdk_cache_dir: Path = field(default_factory=lambda: _user_cache() / "clients")
+    model_cache_dir: Path | None = field(default_factory=lambda: _user_cache() / "models")  # traces of .pt2 models
     sdks_in_background: bool = True  # False: generate the SDKs on the first /clients request
     # backend ray (DESIGN.md §5)
     ray_address: str | None = None  # join this cluster instead of starting a local Ray; selects backend ray
@@ -35,6 +36,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
+        cache = Path(env["POLICY_SERVER_CACHE_DIR"]) if env.get("POLICY_SERVER_CACHE_DIR") else _user_cache()
         return cls(
             policy_dir=Path(env.get("POLICY_SERVER_DIR") or Path.cwd()),
             api_key=env.get("POLICY_SERVER_API_KEY") or None,
@@ -44,9 +46,8 @@ class Settings:
             torch_threads=_positive_int(env, "POLICY_SERVER_TORCH_THREADS", 1),
             inline_budget_ms=_number(env, "POLICY_SERVER_INLINE_MS", 1.0, zero_allowed=True),
             metrics_enabled=env.get("POLICY_SERVER_METRICS", "on").strip().lower() != "off",
-            sdk_cache_dir=Path(env["POLICY_SERVER_CACHE_DIR"]) / "clients"
-            if env.get("POLICY_SERVER_CACHE_DIR")
-            else _user_cache() / "clients",
+            sdk_cache_dir=cache / "clients",
+            model_cache_dir=cache / "models",
             sdks_in_background=env.get("POLICY_SERVER_SDKS", "background").strip().lower() != "on-request",
             ray_address=env.get("RAY_ADDRESS") or None,
             ray_node_ip=env.get("POLICY_SERVER_RAY_NODE_IP") or None,

@@ -1,5 +1,6 @@
 """Shared fixtures: policy folders made on the fly with small torch models of known behaviour."""
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -84,7 +85,11 @@ def make_policy_dir(tmp_path: Path) -> MakePolicyDir:
 
 def settings_for(folder: Path, **overrides: object) -> Settings:
     """Settings for a test app: SDKs only on request, cached beside the policy folder."""
-    defaults: dict[str, object] = {"sdks_in_background": False, "sdk_cache_dir": folder.parent / "sdk-cache"}
+    defaults: dict[str, object] = {
+        "sdks_in_background": False,
+        "sdk_cache_dir": folder.parent / "sdk-cache",
+        "model_cache_dir": folder.parent / "model-cache",
+    }
     return Settings(policy_dir=folder, **(defaults | overrides))  # type: ignore[arg-type]
 
 
@@ -144,3 +149,15 @@ def mouse_dir(make_policy_dir: MakePolicyDir) -> Path:
 @pytest.fixture
 def mouse(serve: Callable[..., TestClient], mouse_dir: Path) -> TestClient:
     return serve(mouse_dir)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_cache_in_the_home_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Settings read from the environment cache SDKs and model traces under XDG_CACHE_HOME."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if previous is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous

@@ -149,6 +149,40 @@ def test_pt2_of_a_plain_mlp_runs_traced_with_the_programs_answers(tmp_path: Path
     np.testing.assert_allclose(runtime(rows)[0], expected, rtol=1e-6, atol=1e-6)
 
 
+def test_a_pt2_trace_is_cached_and_the_next_load_skips_torch_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module, cache = mlp(5, 3), tmp_path / "cache"
+    path = save_model(module, tmp_path / "model.pt2", 5)
+    first = load_runtime(path, cache_dir=cache)
+    (cached_file,) = cache.iterdir()
+    assert cached_file.name.startswith(first.sha256) and torch.__version__ in cached_file.name
+
+    def no_export(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.export.load was called")
+
+    monkeypatch.setattr(torch.export, "load", no_export)
+    second = load_runtime(path, cache_dir=cache)
+    assert (second.format, second.input_size, second.sha256) == (first.format, 5, first.sha256) == ("torch.export", 5, first.sha256)
+    rows = np.random.default_rng(1).normal(size=(9, 5)).astype(np.float32)
+    np.testing.assert_array_equal(second(rows)[0], first(rows)[0])
+
+
+def test_a_broken_cached_trace_is_replaced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path, cache = save_model(mlp(5, 3), tmp_path / "model.pt2", 5), tmp_path / "cache"
+    load_runtime(path, cache_dir=cache)
+    (cached_file,) = cache.iterdir()
+    cached_file.write_bytes(b"not a model")
+    runtime = load_runtime(path, cache_dir=cache)  # the .pt2 itself, traced again
+    assert isinstance(runtime.forward, torch.jit.ScriptModule)
+    assert "ignoring the cached trace" in caplog.text
+    assert load_runtime(path, cache_dir=cache).input_size == 5  # and the cache is whole again
+
+
+def test_an_untraceable_pt2_is_not_cached(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    load_runtime(save_model(CountsItsRows(), tmp_path / "model.pt2", 3), cache_dir=cache)
+    assert not cache.exists() or not any(cache.iterdir())
+
+
 class CountsItsRows(torch.nn.Module):
     """Reads its batch size: a trace would freeze it, so this one must keep the exported graph."""
 
