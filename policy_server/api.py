@@ -23,7 +23,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from policy_server import __version__
@@ -32,6 +32,7 @@ from policy_server.clients import LANGUAGES, ClientSDKError, ClientSDKs, SDKsNot
 from policy_server.docs import add_offline_docs
 from policy_server.errors import InputError, PolicyFailure
 from policy_server.executors import Executor
+from policy_server.fast_lane import FastLane, FastRoute
 from policy_server.json_io import OrjsonRoute, json_response
 from policy_server.metrics import Metrics, RequestMetrics
 from policy_server.middleware import CanonicalPath, RequestBodyGuard
@@ -152,13 +153,14 @@ def create_app(
     else:
         auth = Guard([], {}, {})
     count_actions = metrics.count_actions if metrics is not None else _count_nothing
+    fast_routes = _add_raw_route(app, spec, executor, auth, count_actions)
     if spec.observations is not None:
-        _add_observation_routes(app, spec, executor, auth, count_actions)
-    _add_raw_route(app, spec, executor, auth, count_actions)
+        fast_routes |= _add_observation_routes(app, spec, executor, auth, count_actions)
     _add_service_routes(app, spec, executor, auth, api_key is not None, started)
     if sdks is not None:
         _add_client_routes(app, spec, auth, client_sdks)
     _add_error_handlers(app)
+    app.add_middleware(FastLane, routes=fast_routes, api_key=api_key, error_response=policy_error_response)
     app.add_middleware(RequestBodyGuard, max_bytes=max_body_bytes)
     if metrics is not None:
         _add_metrics_route(app, metrics)
@@ -218,20 +220,27 @@ def _decision(decisions: Decisions, row: int) -> dict[str, Any]:
 CountActions = Callable[[Sequence[Sequence[Any]]], None]
 
 
-def _add_observation_routes(app: FastAPI, spec: PolicySpec, executor: Executor, auth: Guard, count_actions: CountActions) -> None:
+def _add_observation_routes(
+    app: FastAPI, spec: PolicySpec, executor: Executor, auth: Guard, count_actions: CountActions
+) -> dict[str, FastRoute]:
+    """The routes taking observations; each also as a FastRoute, answered by the same function."""
     Observation = observation_model(spec)
     Decision = decision_model(spec)
     ObservationBatch = batch_model(Observation)
     encoder = RowEncoder(spec)
     example = example_observation(spec)
+    fast_routes = {}
 
     def observation_route(path: str, kind: Kind, response_model: type[BaseModel], summary: str) -> None:
-        async def endpoint(observation: Observation, seed: Seed = None) -> Response:  # type: ignore[valid-type]
+        async def answer(observation: dict[str, Any], seed: int | None) -> Response:
             result = await executor.run(Task(encoder.encode([observation]), kind, seed))
             if isinstance(result, Decisions):
                 count_actions(result.actions)
                 return json_response(_decision(result, 0))
             return json_response({"heads": result[0]})
+
+        async def endpoint(observation: Observation, seed: Seed = None) -> Response:  # type: ignore[valid-type]
+            return await answer(observation, seed)
 
         app.post(
             path,
@@ -243,10 +252,21 @@ def _add_observation_routes(app: FastAPI, spec: PolicySpec, executor: Executor, 
             tags=["policy"],
             openapi_extra=auth.openapi_extra | {"requestBody": {"content": {"application/json": {"example": example}}}},
         )(endpoint)
+        fast_routes[path] = FastRoute(TypeAdapter(Observation).validate_json, answer)
 
     observation_route("/predict", Kind.SAMPLE, Decision, "Sample an action from the policy")
     observation_route("/predict_deterministic", Kind.DETERMINISTIC, Decision, "The most likely action (continuous: the mean)")
     observation_route("/distribution", Kind.DISTRIBUTION, Distribution, "Every head's probabilities (continuous: mean and std)")
+
+    async def answer_batch(batch: Any, seed: int | None, deterministic: bool = False) -> Response:
+        observations = batch.observations
+        if not observations:
+            return json_response({"results": []})
+        kind = Kind.DETERMINISTIC if deterministic else Kind.SAMPLE
+        decisions = await executor.run(Task(encoder.encode(observations), kind, seed))
+        assert isinstance(decisions, Decisions)
+        count_actions(decisions.actions)
+        return json_response({"results": [_decision(decisions, row) for row in range(len(observations))]})
 
     @app.post(
         "/predict_batch",
@@ -264,17 +284,19 @@ def _add_observation_routes(app: FastAPI, spec: PolicySpec, executor: Executor, 
         seed: Seed = None,
         deterministic: Annotated[bool, Query(description="The most likely actions instead of samples.")] = False,
     ) -> Response:
-        observations = batch.observations  # type: ignore[attr-defined]
-        if not observations:
-            return json_response({"results": []})
-        kind = Kind.DETERMINISTIC if deterministic else Kind.SAMPLE
-        decisions = await executor.run(Task(encoder.encode(observations), kind, seed))
+        return await answer_batch(batch, seed, deterministic)
+
+    fast_routes["/predict_batch"] = FastRoute(ObservationBatch.model_validate_json, answer_batch)
+    return fast_routes
+
+
+def _add_raw_route(app: FastAPI, spec: PolicySpec, executor: Executor, auth: Guard, count_actions: CountActions) -> dict[str, FastRoute]:
+    async def answer(body: RawObservation, seed: int | None) -> Response:
+        decisions = await executor.run(Task(raw_rows(body), Kind.SAMPLE, seed))
         assert isinstance(decisions, Decisions)
         count_actions(decisions.actions)
-        return json_response({"results": [_decision(decisions, row) for row in range(len(observations))]})
+        return json_response(_decision(decisions, 0))
 
-
-def _add_raw_route(app: FastAPI, spec: PolicySpec, executor: Executor, auth: Guard, count_actions: CountActions) -> None:
     @app.post(
         "/predict_raw",
         operation_id="predict_raw",
@@ -286,10 +308,9 @@ def _add_raw_route(app: FastAPI, spec: PolicySpec, executor: Executor, auth: Gua
         tags=["policy"],
     )
     async def predict_raw(body: RawObservation, seed: Seed = None) -> Response:
-        decisions = await executor.run(Task(raw_rows(body), Kind.SAMPLE, seed))
-        assert isinstance(decisions, Decisions)
-        count_actions(decisions.actions)
-        return json_response(_decision(decisions, 0))
+        return await answer(body, seed)
+
+    return {"/predict_raw": FastRoute(RawObservation.model_validate_json, answer)}
 
 
 def _add_service_routes(app: FastAPI, spec: PolicySpec, executor: Executor, auth: Guard, auth_on: bool, started: float) -> None:
@@ -381,15 +402,19 @@ def _add_client_routes(app: FastAPI, spec: PolicySpec, auth: Guard, client_sdks:
         return await archive(language)
 
 
-def _add_error_handlers(app: FastAPI) -> None:
-    async def input_error(request: Request, exc: InputError) -> Response:
+def policy_error_response(exc: InputError | PolicyFailure) -> Response:
+    """422 for an input the policy cannot answer (an all-masked head), 500 for a policy failure."""
+    if isinstance(exc, InputError):
         return json_response({"detail": exc.as_detail()}, status_code=422)
+    return json_response(
+        {"detail": f"The policy failed on this request; the server log has the details under error id {exc.error_id}."},
+        status_code=500,
+    )
 
-    async def policy_failure(request: Request, exc: PolicyFailure) -> Response:
-        return json_response(
-            {"detail": f"The policy failed on this request; the server log has the details under error id {exc.error_id}."},
-            status_code=500,
-        )
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def policy_error(request: Request, exc: InputError | PolicyFailure) -> Response:
+        return policy_error_response(exc)
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         detail = exc.detail
@@ -414,7 +439,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         return json_response({"detail": f"Internal error; the server log holds the traceback under error id {error_id}."}, status_code=500)
 
     app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
-    app.add_exception_handler(InputError, input_error)  # type: ignore[arg-type]
-    app.add_exception_handler(PolicyFailure, policy_failure)  # type: ignore[arg-type]
+    app.add_exception_handler(InputError, policy_error)  # type: ignore[arg-type]
+    app.add_exception_handler(PolicyFailure, policy_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, unexpected)

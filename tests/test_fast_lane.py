@@ -1,0 +1,168 @@
+"""The fast lane (policy_server/fast_lane.py): which requests it answers itself, which it hands to
+FastAPI untouched, and that both give the same answers on a real app."""
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import API_KEY, AUTH, MOUSE_OBSERVATION, MOUSE_SCHEMA, mlp, save_model, settings_for
+from fastapi.testclient import TestClient
+from pydantic import TypeAdapter
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+from policy_server.errors import InputError, PolicyFailure
+from policy_server.fast_lane import FastLane, FastRoute
+from policy_server.server import build_app
+
+# --- the middleware alone, around an app that records what reaches it -----------------------
+
+
+class RecordingApp:
+    """Stands for FastAPI: records each request it gets, with the body it could read."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        self.bodies.append(message["body"])
+        await Response("from the app", status_code=299)(scope, receive, send)
+
+
+async def _answer(body: dict[str, int], seed: int | None) -> Response:
+    if body.get("x") == -1:
+        raise InputError(("body",), "x is -1", "minus_one")
+    return Response(json.dumps({"answered": body, "seed": seed}), media_type="application/json")
+
+
+def _error_response(exc: InputError | PolicyFailure) -> Response:
+    return Response(f"error: {exc}", status_code=422)
+
+
+def _call(lane: FastLane, body: bytes, headers: dict[str, str], query: bytes = b"", path: str = "/p", method: str = "POST") -> Message:
+    """One request through the lane; the response's start message, with the body under "body"."""
+    sent: list[Message] = []
+    chunks = [body[:3], body[3:]]  # the body in two messages, as a server may deliver it
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)} if chunks else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    raw_headers = [(k.encode(), v.encode()) for k, v in headers.items()]
+    scope = {"type": "http", "method": method, "path": path, "query_string": query, "headers": raw_headers}
+    asyncio.run(lane(scope, receive, send))
+    return sent[0] | {"body": b"".join(m.get("body", b"") for m in sent[1:])}
+
+
+@pytest.fixture
+def inner() -> RecordingApp:
+    return RecordingApp()
+
+
+@pytest.fixture
+def lane(inner: RecordingApp) -> FastLane:
+    route = FastRoute(TypeAdapter(dict[str, int]).validate_json, _answer)
+    return FastLane(inner, {"/p": route}, API_KEY, _error_response)
+
+
+def _headers(body: bytes, **extra: str) -> dict[str, str]:
+    return {"content-length": str(len(body)), **AUTH, **extra}
+
+
+def test_a_plain_request_is_answered_without_the_app(lane: FastLane, inner: RecordingApp) -> None:
+    body = b'{"x": 1, "y": 2}'
+    start = _call(lane, body, _headers(body), query=b"seed=42")
+    assert start["status"] == 200 and json.loads(start["body"]) == {"answered": {"x": 1, "y": 2}, "seed": 42}
+    assert inner.bodies == []
+    assert json.loads(_call(lane, body, _headers(body))["body"])["seed"] is None
+    bearer = {"content-length": str(len(body)), "authorization": f"Bearer {API_KEY}"}
+    assert _call(lane, body, bearer)["status"] == 200 and inner.bodies == []
+
+
+@pytest.mark.parametrize(
+    ("case", "headers", "query"),
+    [
+        ("no key", {"content-length": "16"}, b""),
+        ("wrong key", {"content-length": "16", "access-token": "nope"}, b""),
+        ("no content-length", dict(AUTH), b""),
+        ("another query parameter", None, b"seed=1&deterministic=true"),
+        ("a seed that is no number", None, b"seed=abc"),
+        ("a seed beyond 2**64-1", None, b"seed=18446744073709551616"),
+    ],
+)
+def test_anything_unusual_goes_to_the_app_with_its_body(
+    lane: FastLane, inner: RecordingApp, case: str, headers: dict[str, str] | None, query: bytes
+) -> None:
+    body = b'{"x": 1, "y": 2}'
+    start = _call(lane, body, headers if headers is not None else _headers(body), query=query)
+    assert start["status"] == 299, case
+    assert inner.bodies in ([body], [body[:3]]), case  # untouched: the app reads it itself
+
+
+def test_a_body_that_fails_validation_reaches_the_app_whole(lane: FastLane, inner: RecordingApp) -> None:
+    body = b'{"x": "one"}'
+    assert _call(lane, body, _headers(body))["status"] == 299
+    assert inner.bodies == [body]  # read by the lane, replayed in one piece
+
+
+def test_other_paths_and_methods_are_not_the_lanes(lane: FastLane, inner: RecordingApp) -> None:
+    body = b'{"x": 1}'
+    assert _call(lane, body, _headers(body), path="/q")["status"] == 299
+    assert _call(lane, body, _headers(body), method="PUT")["status"] == 299
+    assert len(inner.bodies) == 2
+
+
+def test_the_policys_own_errors_are_answered_by_the_lane(lane: FastLane, inner: RecordingApp) -> None:
+    body = b'{"x": -1}'
+    start = _call(lane, body, _headers(body))
+    assert start["status"] == 422 and b"x is -1" in start["body"]
+    assert inner.bodies == []
+
+
+# --- on the real app: the lane and FastAPI give the same answers -----------------------------
+
+
+@pytest.fixture(scope="module")
+def mouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    folder = tmp_path_factory.mktemp("lane") / "mouse"
+    folder.mkdir()
+    (folder / "schema.yaml").write_text(MOUSE_SCHEMA)
+    save_model(mlp(6, 4, seed=3), folder / "models" / "model.pt2", 6)
+    with TestClient(build_app(settings_for(folder))) as client:
+        yield client
+
+
+def _post(client: TestClient, path: str, body: Any, query: str) -> Any:
+    response = client.post(f"{path}?{query}", json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.parametrize("path", ["/predict", "/predict_deterministic", "/distribution", "/predict_raw", "/predict_batch"])
+def test_the_lane_and_fastapi_answer_alike(mouse: TestClient, path: str) -> None:
+    """`&via=fastapi` is a query parameter FastAPI ignores and the lane does not take."""
+    if path == "/predict_raw":
+        body: Any = {"obs": list(MOUSE_OBSERVATION.values())}
+    elif path == "/predict_batch":
+        body = {"observations": [MOUSE_OBSERVATION, {**MOUSE_OBSERVATION, "mouse_row": 4}] * 3}
+    else:
+        body = MOUSE_OBSERVATION
+    for seed in (1, 2, 3):
+        assert _post(mouse, path, body, f"seed={seed}") == _post(mouse, path, body, f"seed={seed}&via=fastapi")
+
+
+def test_requests_through_the_lane_are_counted_in_the_metrics(mouse: TestClient) -> None:
+    def predicted() -> float:
+        lines = mouse.get("/metrics").text.splitlines()
+        counted = [line for line in lines if line.startswith("policy_server_requests_total{") and 'route="/predict"' in line]
+        return sum(float(line.rsplit(" ", 1)[1]) for line in counted if 'status="200"' in line)
+
+    before = predicted()
+    for _ in range(3):
+        _post(mouse, "/predict", MOUSE_OBSERVATION, "seed=5")
+    assert predicted() == before + 3
