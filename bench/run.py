@@ -23,8 +23,8 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -38,6 +38,13 @@ MOUSE_OBSERVATION = {"mouse_row": 0, "mouse_col": 0, "mouse_row_distance": 3, "m
 API_KEY = "1234567asdfgh"
 BATCH_ROWS = 1024
 SWEEP = (1, 4, 16, 32, 64)
+ROUNDS = 3  # each figure is the median of this many runs of duration/ROUNDS seconds
+# On two cores, the scheduler sometimes puts wrk and a one-threaded server on the same core, and
+# c=1 latency then jumps by ~50 % from run to run. So wrk runs on the last core, and a pinned
+# server on the others.
+CORES = os.cpu_count() or 1
+WRK_CORE = [] if CORES < 2 else ["taskset", "-c", str(CORES - 1)]
+SERVER_CORES = [] if CORES < 2 else ["taskset", "-c", f"0-{CORES - 2}"]
 SWEPT = ("reference", "local", "local-no-batching", "ray", "seed-ray", "raw-asgi")  # the plot's lines
 
 
@@ -57,6 +64,7 @@ class Config:
     env: dict[str, str] = field(default_factory=dict)
     note: str = ""
     cold_start: bool = False  # also time a first start, before the model's trace is cached
+    pinned: bool = True  # the server on its own core, away from wrk's (Ray needs both: not pinned)
 
 
 @dataclass
@@ -158,16 +166,17 @@ def configurations() -> list[Config]:
         Config("local-no-batching", ours, "mouse_nobatch", note="ours, max_batch_size 1"),
         Config("local-no-metrics", ours, "mouse", {"POLICY_SERVER_METRICS": "off"}, note="ours, POLICY_SERVER_METRICS=off"),
         Config("reference-mlp24", uvicorn("reference_server:app"), "mlp24_ts", note="reference, 24→64→64→4 MLP"),
-        Config("local-mlp24", ours, "mlp24", note="ours, 24→64→64→4 MLP (.pt2)"),
+        Config("local-mlp24", ours, "mlp24", note="ours, 24→64→64→4 MLP (.pt2)", cold_start=True),
         Config(
             "seed-ray",
             uvicorn("seed_ray_server:app"),
             "mouse_ts",
             note="the seed design: FastAPI → DeploymentHandle → replica, no batching (TorchScript model)",
+            pinned=False,
         ),
-        Config("ray", ours, "mouse_ray", RAY_ENV, note="ours, backend ray: 1 replica, batching (max_batch_size 64)"),
-        Config("ray-no-batching", ours, "mouse_ray_nobatch", RAY_ENV, note="ours, backend ray, max_batch_size 1"),
-        Config("ray-2-replicas", ours, "mouse_ray_2", RAY_ENV, note="ours, backend ray, 2 replicas (one per core)"),
+        Config("ray", ours, "mouse_ray", RAY_ENV, note="ours, backend ray: 1 replica, batching (max_batch_size 64)", pinned=False),
+        Config("ray-no-batching", ours, "mouse_ray_nobatch", RAY_ENV, note="ours, backend ray, max_batch_size 1", pinned=False),
+        Config("ray-2-replicas", ours, "mouse_ray_2", RAY_ENV, note="ours, backend ray, 2 replicas (one per core)", pinned=False),
     ]
 
 
@@ -206,7 +215,7 @@ def server(config: Config, folder: Path, cache: Path) -> Iterator[tuple[str, sub
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rt-", dir="/tmp") as ray_tmp:  # short: Ray's socket paths must fit
         process = subprocess.Popen(
-            config.command(port),
+            (SERVER_CORES if config.pinned else []) + config.command(port),
             cwd=REPO,
             env=env | {"RAY_TMPDIR": ray_tmp},
             stdout=subprocess.DEVNULL,
@@ -258,7 +267,7 @@ def wrk(url: str, workload: Workload, concurrency: int, duration: int, scratch: 
         f'wrk.headers["Content-Type"] = "application/json"\nwrk.headers["access-token"] = "{API_KEY}"\n'
         f'local f = io.open("{body}", "r"); wrk.body = f:read("*a"); f:close()\n'
     )
-    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--latency", "-s", str(script), url + workload.path]
+    command = [*WRK_CORE, "wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--latency", "-s", str(script), url + workload.path]
     output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=duration + 60).stdout
     return parse_wrk(output)
 
@@ -293,26 +302,49 @@ def tree_rss_mib(pid: int) -> float:
     return total / 1024
 
 
-def measure(config: Config, folders: dict[str, Path], duration: int, scratch: Path, concurrencies: tuple[int, ...]) -> list[Run]:
+def plan(config: Config, concurrencies: tuple[int, ...]) -> list[tuple[Workload, int]]:
+    """The runs of a configuration: /predict at each concurrency, /predict_batch at c=1."""
     runs = []
+    for workload in workloads(config.policy):
+        if workload.rows > 1 and config.name == "raw-asgi":
+            continue
+        runs += [(workload, c) for c in (concurrencies if workload.rows == 1 else (1,))]
+    return runs
+
+
+@contextmanager
+def started(config: Config, folder: Path, scratch: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], float, float | None]]:
+    """The server, ready; with `cold_start`, after a first start that is timed and stopped."""
     cold_ready_s = None
     if config.cold_start:
-        with server(config, folders[config.policy], scratch / "cache") as (_, _, cold_ready_s):
+        with server(config, folder, scratch / "cache") as (_, _, cold_ready_s):
             pass
-    with server(config, folders[config.policy], scratch / "cache") as (url, process, ready_s):
-        for workload in workloads(config.policy):
-            levels = concurrencies if workload.rows == 1 else (1,)
-            if workload.rows > 1 and config.name == "raw-asgi":
-                continue
-            for concurrency in levels:
-                result = wrk(url, workload, concurrency, duration, scratch)
-                runs.append(
-                    Run(
+    with server(config, folder, scratch / "cache") as (url, process, ready_s):
+        yield url, process, ready_s, cold_ready_s
+
+
+def measure(group: list[Config], folders: dict[str, Path], duration: int, scratch: Path, concurrencies: tuple[int, ...]) -> list[Run]:
+    """Start every server of the group, then drive them in turns: each run is repeated ROUNDS
+    times per server, interleaved across the servers, and reported as the median. This machine's
+    speed drifts within minutes; interleaving gives every server the same fast and slow moments."""
+    samples: dict[tuple[str, str, int], list[Run]] = {}
+    with ExitStack() as stack:
+        servers = [(config, stack.enter_context(started(config, folders[config.policy], scratch))) for config in group]
+        keys = list(dict.fromkeys((w.name, c) for config, _ in servers for w, c in plan(config, levels_of(config, concurrencies))))
+        keys.sort(key=lambda key: key[1])  # low concurrency first: an overloaded server may not recover at once
+        for name, concurrency in keys:
+            for _ in range(ROUNDS):
+                for config, (url, process, ready_s, cold_ready_s) in servers:
+                    todo = [w for w, c in plan(config, levels_of(config, concurrencies)) if (w.name, c) == (name, concurrency)]
+                    if not todo:
+                        continue
+                    result = wrk(url, todo[0], concurrency, max(1, duration // ROUNDS), scratch)
+                    run = Run(
                         config=config.name,
-                        workload=workload.name,
+                        workload=name,
                         concurrency=concurrency,
                         requests_per_s=result["requests_per_s"],
-                        observations_per_s=result["requests_per_s"] * workload.rows,
+                        observations_per_s=result["requests_per_s"] * todo[0].rows,
                         p50_ms=result["p50_ms"],
                         p99_ms=result["p99_ms"],
                         rss_mib=tree_rss_mib(process.pid),
@@ -320,12 +352,23 @@ def measure(config: Config, folders: dict[str, Path], duration: int, scratch: Pa
                         cold_ready_s=cold_ready_s,
                         errors=int(result["errors"]),
                     )
-                )
-                print(
-                    f"{config.name:20} {workload.name:10} c={concurrency:<3} {result['requests_per_s']:9.0f} req/s  p50 {result['p50_ms']:.3f} ms",
-                    flush=True,
-                )
-    return runs
+                    samples.setdefault((config.name, name, concurrency), []).append(run)
+                    print(
+                        f"{config.name:20} {name:10} c={concurrency:<3} {run.requests_per_s:9.0f} req/s  p50 {run.p50_ms:.3f} ms",
+                        flush=True,
+                    )
+    order = [(config.name, w.name, c) for config in group for w, c in plan(config, levels_of(config, concurrencies))]
+    return [_median(samples[key]) for key in order]
+
+
+def levels_of(config: Config, concurrencies: tuple[int, ...]) -> tuple[int, ...]:
+    return concurrencies if config.name in SWEPT else (1, 32)
+
+
+def _median(rounds: list[Run]) -> Run:
+    """The round of median throughput, with the highest RSS seen and every error counted."""
+    middle = sorted(rounds, key=lambda run: run.requests_per_s)[len(rounds) // 2]
+    return replace(middle, rss_mib=max(r.rss_mib for r in rounds), errors=sum(r.errors for r in rounds))
 
 
 # --- reporting --------------------------------------------------------------------------------
@@ -357,7 +400,7 @@ def report(runs: list[Run], configs: list[Config], duration: int) -> str:
             f"{run.p99_ms:.3f} | {ratio} | {p50} | {run.rss_mib:.0f} | {run.ready_s:.2f} | {run.errors} |"
         )
     lines += ["", "Configurations:", ""] + [f"- `{c.name}`: {c.note}" for c in configs]
-    lines += ["", "## Targets", "", *targets(by_key)]
+    lines += ["", "## Targets", "", *targets(by_key), "", (BENCH / "tuning.md").read_text().strip()]
     return "\n".join(lines) + "\n"
 
 
@@ -451,9 +494,10 @@ def main() -> None:
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="policy-bench-") as scratch:
         folders = prepare_policies(Path(scratch) / "policies")
-        for config in configs:
-            levels = concurrencies if config.name in SWEPT else (1, 32)
-            runs += measure(config, folders, args.duration, Path(scratch), levels)
+        # The one-core servers side by side, interleaved; each Ray server alone (they need both cores).
+        groups = [[c for c in configs if c.pinned]] + [[c] for c in configs if not c.pinned]
+        for group in filter(None, groups):
+            runs += measure(group, folders, args.duration, Path(scratch), concurrencies)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
     (args.out / "RESULTS.md").write_text(report(runs, configs, args.duration))
