@@ -120,6 +120,9 @@ class RequestMetrics:
         self.app = app
         self.metrics = metrics
         self.routes = routes
+        # labels() builds and looks up a key under a lock on every call: keep the children
+        self._counted: dict[tuple[str, int], Any] = {}
+        self._timed: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -139,5 +142,12 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            counter = self._counted.get((route, status))
+            if counter is None:
+                counter = self._counted[route, status] = self.metrics.requests.labels(route, str(status))
+            timer = self._timed.get(route)
+            if timer is None:
+                timer = self._timed[route] = self.metrics.request_duration.labels(route)
+            counter.inc()
+            timer.observe(elapsed)
