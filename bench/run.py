@@ -460,20 +460,21 @@ def plot(runs: list[Run], target: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4))
+    figure, axes = plt.subplots(figsize=(8.5, 4))
     for name in SWEPT:
         points = sorted((r.concurrency, r.requests_per_s) for r in runs if r.config == name and r.workload == "predict")
         if len(points) > 1:
             axes.plot(*zip(*points, strict=True), marker="o", label=name)
     axes.set(
         xscale="log",
+        yscale="log",
         xlabel="concurrent connections",
-        ylabel="requests/s",
+        ylabel="requests/s (log scale)",
         title="/predict, one observation (2 cores, wrk on the same machine)",
     )
     axes.set_xticks(SWEEP, [str(c) for c in SWEEP])
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(target, dpi=110)
 
