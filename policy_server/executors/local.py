@@ -39,6 +39,7 @@ logger = logging.getLogger("policy_server")
 
 _Pending = tuple[Task, "asyncio.Future[Result]"]
 _CALIBRATION_REPEATS = 15
+_CALIBRATION_BUDGET_S = 0.25  # a slow model is timed fewer times: its batches go to the worker anyway
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,8 @@ class LocalExecutor:
         """The median of a few runs, on the loop's thread (which runs the inline batches)."""
         torch.set_num_threads(self.torch_threads)
         task = Task(np.zeros((rows, self.policy.input_size), dtype=np.float32), Kind.SAMPLE)
-        timings = []
-        for _ in range(_CALIBRATION_REPEATS):
+        timings: list[float] = []
+        while len(timings) < _CALIBRATION_REPEATS and sum(timings) < _CALIBRATION_BUDGET_S:
             started = time.perf_counter()
             self.policy.run([task])
             timings.append(time.perf_counter() - started)
