@@ -14,7 +14,7 @@ from policy_server.settings import Settings
 API_KEY = "1234567asdfgh"
 AUTH = {"access-token": API_KEY}
 REPO = Path(__file__).resolve().parent.parent
-PATHMIND_SCHEMAS = REPO.parent / "shared" / "pathmind-schemas"
+PATHMIND_SCHEMAS = REPO / "tests" / "data" / "pathmind-schemas"  # Apache-2.0, see its README.md
 
 
 class FixedLogits(torch.nn.Module):
