@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse, Response
@@ -27,9 +27,11 @@ from pydantic import BaseModel, TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from policy_server import __version__
-from policy_server.auth import SECURITY_REQUIREMENT, SECURITY_SCHEMES, api_key_dependency
+from policy_server.admission import Admission, Overloaded
+from policy_server.auth import SECURITY_REQUIREMENT, SECURITY_SCHEMES, KeyGate, guarded_routes
 from policy_server.clients import LANGUAGES, ClientSDKError, ClientSDKs, SDKsNotReady, UnknownLanguage
 from policy_server.docs import add_offline_docs
+from policy_server.drain import Drain, DrainMiddleware
 from policy_server.errors import InputError, PolicyFailure
 from policy_server.executors import Executor
 from policy_server.fast_lane import FastLane, FastRoute
@@ -48,7 +50,9 @@ from policy_server.observations import (
     raw_rows,
 )
 from policy_server.policy import Decisions, Kind, Task
+from policy_server.redaction import redact, register_secret
 from policy_server.schema import PolicySpec
+from policy_server.settings import DEFAULT_DRAIN_S, DEFAULT_MAX_QUEUE
 
 logger = logging.getLogger("policy_server")
 
@@ -70,11 +74,19 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class Guard:
-    """What a route needs for auth: the dependency, and the answers it adds to the docs."""
+    """What a guarded route declares: its answers and security in the docs, which `KeyGate` enforces."""
 
-    dependencies: list[Any]
     responses: dict[int | str, dict[str, Any]]
     openapi_extra: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the HTTP layer bounds: body size, requests queued per policy, the drain after SIGTERM."""
+
+    max_body_bytes: int
+    max_queue: int = DEFAULT_MAX_QUEUE
+    drain_timeout_s: float = DEFAULT_DRAIN_S
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,7 @@ def create_app(
     executor: Executor,
     *,
     api_key: str | None,
-    max_body_bytes: int,
+    limits: Limits,
     metrics: Metrics | None = None,
     sdks: SDKOptions | None = None,
 ) -> FastAPI:
@@ -96,6 +108,10 @@ def create_app(
     `metrics=None` serves no /metrics and counts nothing; `sdks=None` serves no /clients."""
     started = time.time()
     client_sdks: list[ClientSDKs] = []  # made in the lifespan, once the spec has every route
+    if api_key is not None:
+        register_secret(api_key)
+    admission = Admission(executor, limits.max_queue, metrics.count_shed if metrics is not None else None)
+    drain = Drain(limits.drain_timeout_s)
 
     async def start_executor() -> None:
         await executor.start()
@@ -110,6 +126,7 @@ def create_app(
         )
         if metrics is not None:
             metrics.describe_model(info)
+            metrics.watch_queue(admission)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -130,7 +147,9 @@ def create_app(
         # collector's sight, a /predict_batch that allocates thousands no longer makes it rescan
         # them all (-30 % time per 1,024-observation request, measured in-process).
         gc.freeze()
+        drain.install()
         yield
+        drain.uninstall()
         for generator in client_sdks:
             await generator.stop()
         await asyncio.wait([starting])  # a start in the background ends before the executor stops
@@ -148,23 +167,27 @@ def create_app(
     app.router.route_class = OrjsonRoute
     add_offline_docs(app)
     if api_key is not None:
-        auth = Guard([Depends(api_key_dependency(api_key))], AUTH_ERRORS, {"security": SECURITY_REQUIREMENT})
+        auth = Guard(AUTH_ERRORS, {"security": SECURITY_REQUIREMENT})
         _document_security_schemes(app)
     else:
-        auth = Guard([], {}, {})
+        auth = Guard({}, {})
     count_actions = metrics.count_actions if metrics is not None else _count_nothing
-    fast_routes = _add_raw_route(app, spec, executor, auth, count_actions)
+    fast_routes = _add_raw_route(app, spec, admission, auth, count_actions)
     if spec.observations is not None:
-        fast_routes |= _add_observation_routes(app, spec, executor, auth, count_actions)
-    _add_service_routes(app, spec, executor, auth, api_key is not None, started)
+        fast_routes |= _add_observation_routes(app, spec, admission, auth, count_actions)
+    _add_service_routes(app, spec, executor, admission, drain, auth, api_key is not None, started)
     if sdks is not None:
         _add_client_routes(app, spec, auth, client_sdks)
     _add_error_handlers(app)
+    # Middleware, innermost first: each sees what the ones added after it let through.
     app.add_middleware(FastLane, routes=fast_routes, api_key=api_key, error_response=policy_error_response)
-    app.add_middleware(RequestBodyGuard, max_bytes=max_body_bytes)
+    app.add_middleware(RequestBodyGuard, max_bytes=limits.max_body_bytes)
+    if api_key is not None:  # before the body is read: no key, no parsing
+        app.add_middleware(KeyGate, api_key=api_key, guarded=guarded_routes(app.routes))
     if metrics is not None:
         _add_metrics_route(app, metrics)
         app.add_middleware(RequestMetrics, metrics=metrics, routes=frozenset(route.path for route in app.routes))
+    app.add_middleware(DrainMiddleware, drain=drain)
     app.add_middleware(CanonicalPath, prefix=spec.url_path)  # outermost: everything inside sees canonical paths
     return app
 
@@ -221,7 +244,7 @@ CountActions = Callable[[Sequence[Sequence[Any]]], None]
 
 
 def _add_observation_routes(
-    app: FastAPI, spec: PolicySpec, executor: Executor, auth: Guard, count_actions: CountActions
+    app: FastAPI, spec: PolicySpec, executor: Admission, auth: Guard, count_actions: CountActions
 ) -> dict[str, FastRoute]:
     """The routes taking observations; each also as a FastRoute, answered by the same function."""
     Observation = observation_model(spec)
@@ -247,7 +270,6 @@ def _add_observation_routes(
             operation_id=path.strip("/"),
             summary=summary,
             response_model=response_model,
-            dependencies=auth.dependencies,
             responses=auth.responses,
             tags=["policy"],
             openapi_extra=auth.openapi_extra | {"requestBody": {"content": {"application/json": {"example": example}}}},
@@ -273,7 +295,6 @@ def _add_observation_routes(
         operation_id="predict_batch",
         summary="Actions for many observations in one call, answered in order",
         response_model=batch_decisions_model(Decision),
-        dependencies=auth.dependencies,
         responses=auth.responses,
         tags=["policy"],
         openapi_extra=auth.openapi_extra
@@ -290,7 +311,7 @@ def _add_observation_routes(
     return fast_routes
 
 
-def _add_raw_route(app: FastAPI, spec: PolicySpec, executor: Executor, auth: Guard, count_actions: CountActions) -> dict[str, FastRoute]:
+def _add_raw_route(app: FastAPI, spec: PolicySpec, executor: Admission, auth: Guard, count_actions: CountActions) -> dict[str, FastRoute]:
     async def answer(body: RawObservation, seed: int | None) -> Response:
         decisions = await executor.run(Task(raw_rows(body), Kind.SAMPLE, seed))
         assert isinstance(decisions, Decisions)
@@ -302,7 +323,6 @@ def _add_raw_route(app: FastAPI, spec: PolicySpec, executor: Executor, auth: Gua
         operation_id="predict_raw",
         summary="Sample an action for a raw input vector",
         response_model=decision_model(spec),
-        dependencies=auth.dependencies,
         responses=auth.responses,
         openapi_extra=auth.openapi_extra,
         tags=["policy"],
@@ -313,12 +333,13 @@ def _add_raw_route(app: FastAPI, spec: PolicySpec, executor: Executor, auth: Gua
     return {"/predict_raw": FastRoute(RawObservation.model_validate_json, answer)}
 
 
-def _add_service_routes(app: FastAPI, spec: PolicySpec, executor: Executor, auth: Guard, auth_on: bool, started: float) -> None:
+def _add_service_routes(
+    app: FastAPI, spec: PolicySpec, executor: Executor, admission: Admission, drain: Drain, auth: Guard, auth_on: bool, started: float
+) -> None:
     @app.get(
         "/schema",
         operation_id="schema",
         summary="The schema, without the api key",
-        dependencies=auth.dependencies,
         responses=auth.responses,
         openapi_extra=auth.openapi_extra,
         tags=["service"],
@@ -331,7 +352,6 @@ def _add_service_routes(app: FastAPI, spec: PolicySpec, executor: Executor, auth
         "/info",
         operation_id="info",
         summary="What is served, and where",
-        dependencies=auth.dependencies,
         responses=auth.responses,
         openapi_extra=auth.openapi_extra,
         tags=["service"],
@@ -339,21 +359,27 @@ def _add_service_routes(app: FastAPI, spec: PolicySpec, executor: Executor, auth
     async def info() -> Response:
         policy = executor.describe() if executor.ready else {"backend": executor.backend}
         details = {"name": spec.name, "version": __version__, "auth": "on" if auth_on else "off", "ready": executor.ready}
-        return json_response(policy | details | {"uptime_seconds": round(time.time() - started, 3)})
+        queue = {"max_queue": admission.limit, "queued": admission.admitted, "shed": admission.shed, "draining": drain.draining}
+        return json_response(policy | details | queue | {"uptime_seconds": round(time.time() - started, 3)})
 
     @app.get("/health", operation_id="health", summary="Liveness", tags=["service"])
     async def health() -> Response:
         return json_response({"status": "ok"})
 
-    @app.get("/ready", operation_id="ready", summary="200 once the policy answers, 503 before", tags=["service"])
+    @app.get("/ready", operation_id="ready", summary="200 once the policy answers, 503 before and while shutting down", tags=["service"])
     async def ready() -> Response:
+        if drain.draining:
+            return json_response({"detail": "The server is shutting down: send to another replica."}, status_code=503)
         if executor.ready:
             return json_response({"status": "ready"})
         return json_response({"detail": "The policy is still loading; retry shortly."}, status_code=503)
 
     @app.get("/", include_in_schema=False)
-    async def root() -> RedirectResponse:
-        return RedirectResponse("/docs")
+    async def root(request: Request) -> Response:
+        """Browsers go to the docs; monitors get the original server's answer, 200 and the JSON string "ok"."""
+        if "text/html" in request.headers.get("accept", ""):
+            return RedirectResponse("/docs")
+        return json_response("ok")
 
 
 def _add_client_routes(app: FastAPI, spec: PolicySpec, auth: Guard, client_sdks: list[ClientSDKs]) -> None:
@@ -381,10 +407,10 @@ def _add_client_routes(app: FastAPI, spec: PolicySpec, auth: Guard, client_sdks:
         "/clients",
         operation_id="clients",
         summary=f"SDKs for {', '.join(LANGUAGES)}, one zip",
-        dependencies=auth.dependencies,
         tags=["service"],
         response_class=Response,
         responses=auth.responses | zip_responses,
+        openapi_extra=auth.openapi_extra,
     )
     async def all_clients() -> Response:
         return await archive(None)
@@ -393,19 +419,22 @@ def _add_client_routes(app: FastAPI, spec: PolicySpec, auth: Guard, client_sdks:
         "/clients/{language}",
         operation_id="client",
         summary="The SDK for one language, a zip",
-        dependencies=auth.dependencies,
         tags=["service"],
         response_class=Response,
         responses=auth.responses | zip_responses,
+        openapi_extra=auth.openapi_extra,
     )
     async def one_client(language: str) -> Response:
         return await archive(language)
 
 
-def policy_error_response(exc: InputError | PolicyFailure) -> Response:
-    """422 for an input the policy cannot answer (an all-masked head), 500 for a policy failure."""
+def policy_error_response(exc: InputError | PolicyFailure | Overloaded) -> Response:
+    """422 for an input the policy cannot answer (an all-masked head), 503 when the queue is full,
+    500 for a policy failure."""
     if isinstance(exc, InputError):
         return json_response({"detail": exc.as_detail()}, status_code=422)
+    if isinstance(exc, Overloaded):
+        return json_response({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after_s)})
     return json_response(
         {"detail": f"The policy failed on this request; the server log has the details under error id {exc.error_id}."},
         status_code=500,
@@ -413,15 +442,16 @@ def policy_error_response(exc: InputError | PolicyFailure) -> Response:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
-    async def policy_error(request: Request, exc: InputError | PolicyFailure) -> Response:
+    async def policy_error(request: Request, exc: InputError | PolicyFailure | Overloaded) -> Response:
         return policy_error_response(exc)
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         detail = exc.detail
+        path = redact(request.url.path)  # a client may have put the key in the path
         if exc.status_code == 404:
-            detail = f"No route {request.method} {request.url.path}: the routes are listed at /docs."
+            detail = f"No route {request.method} {path}: the routes are listed at /docs."
         elif exc.status_code == 405:
-            detail = f"{request.method} is not allowed on {request.url.path}: see /docs for the method to use."
+            detail = f"{request.method} is not allowed on {path}: see /docs for the method to use."
         elif exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
             # FastAPI answers 400 when the body is not UTF-8, 422 for every other broken JSON: one answer for both.
             msg = "the body is not UTF-8 encoded JSON"
@@ -441,5 +471,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
     app.add_exception_handler(InputError, policy_error)  # type: ignore[arg-type]
     app.add_exception_handler(PolicyFailure, policy_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Overloaded, policy_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, unexpected)

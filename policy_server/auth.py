@@ -1,22 +1,22 @@
-"""The api key check: a FastAPI dependency, header only, compared in constant time.
+"""The api key check: a pure ASGI gate in front of everything else, header only, constant time.
 
 Accepted as `access-token: KEY` (the original server's header) or `Authorization: Bearer KEY`.
-Never as a query parameter: URLs end up in logs. The key is kept as bytes in this closure and is
-never put in a response, an error or a log line.
-
-The dependency reads the two headers itself rather than through FastAPI's `Security(APIKeyHeader)`
-and `Security(HTTPBearer)`: those are two more dependencies to solve on every request, ~170 Python
-calls of the ~890 the app made per /predict (cProfile, in-process). The OpenAPI spec still
-documents both schemes, through `SECURITY_SCHEMES` and `SECURITY_REQUIREMENT`, so /docs and the
-SDKs know them.
+Never as a query parameter: URLs end up in logs. The gate answers 401 (no key) or 403 (a wrong
+key) before any body is read or parsed, so a client without the key learns nothing about what
+its body would have done. The routes it guards are those whose OpenAPI entry declares the
+schemes (`SECURITY_REQUIREMENT`): the documented security is the gate's table, so /docs, the
+SDKs and the server cannot disagree.
 """
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 from typing import Any
 
-from fastapi import HTTPException, Request, status
 from starlette.datastructures import Headers
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from policy_server.middleware import send_error
 
 ACCESS_TOKEN_HEADER = "access-token"
 MISSING_KEY = f"Missing api key: send the header '{ACCESS_TOKEN_HEADER}: KEY' or 'Authorization: Bearer KEY'."
@@ -34,18 +34,33 @@ SECURITY_SCHEMES: dict[str, dict[str, Any]] = {
 SECURITY_REQUIREMENT: list[dict[str, list[str]]] = [{name: []} for name in SECURITY_SCHEMES]
 
 
-def api_key_dependency(api_key: str) -> Callable[[Request], Awaitable[None]]:
-    """A dependency that lets a request through only with the right key: 401 missing, 403 wrong."""
-    expected = api_key.encode("utf-8")
+class KeyGate:
+    """Lets a request to a guarded route through only with the right key: 401 missing, 403 wrong."""
 
-    async def require_api_key(request: Request) -> None:
-        given = key_in(request.headers)
-        if given is None:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, MISSING_KEY, headers={"WWW-Authenticate": "Bearer"})
-        if not _same_key(given, expected):
-            raise HTTPException(status.HTTP_403_FORBIDDEN, WRONG_KEY)
+    def __init__(self, app: ASGIApp, api_key: str, guarded: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self.expected = api_key.encode("utf-8")
+        self.exact_paths = frozenset(route.path for route in guarded if isinstance(route, Route) and "{" not in route.path)
+        self.path_patterns = tuple(route.path_regex for route in guarded if isinstance(route, Route) and "{" in route.path)
 
-    return require_api_key
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self._guards(scope["path"]):
+            given = key_in(Headers(scope=scope))
+            if given is None:
+                await send_error(send, 401, MISSING_KEY, {"WWW-Authenticate": "Bearer"})
+                return
+            if not _same_key(given, self.expected):
+                await send_error(send, 403, WRONG_KEY)
+                return
+        await self.app(scope, receive, send)
+
+    def _guards(self, path: str) -> bool:
+        return path in self.exact_paths or any(pattern.match(path) for pattern in self.path_patterns)
+
+
+def guarded_routes(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
+    """The routes whose OpenAPI entry declares the api key's schemes."""
+    return [route for route in routes if isinstance(route, Route) and "security" in (getattr(route, "openapi_extra", None) or {})]
 
 
 def key_accepted(headers: Headers, expected: bytes) -> bool:

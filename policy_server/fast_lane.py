@@ -20,6 +20,7 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from policy_server.admission import Overloaded
 from policy_server.auth import key_accepted
 from policy_server.errors import InputError, PolicyFailure
 
@@ -43,7 +44,7 @@ class FastLane:
         app: ASGIApp,
         routes: Mapping[str, FastRoute],
         api_key: str | None,
-        error_response: Callable[[InputError | PolicyFailure], Response],
+        error_response: Callable[[InputError | PolicyFailure | Overloaded], Response],
     ) -> None:
         self.app = app
         self.routes = routes
@@ -68,7 +69,7 @@ class FastLane:
             return
         try:
             response = await route.answer(validated, seed)
-        except (InputError, PolicyFailure) as exc:
+        except (InputError, PolicyFailure, Overloaded) as exc:
             response = self.error_response(exc)
         await response(scope, receive, send)
 

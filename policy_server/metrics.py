@@ -12,7 +12,7 @@ import os
 import time
 from collections import Counter as Tally
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -25,6 +25,9 @@ from prometheus_client import (
     multiprocess,
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from policy_server.admission import Admission
 
 disable_created_metrics()  # the *_created series double the output and no dashboard reads them
 
@@ -70,6 +73,15 @@ class Metrics:
             registry=registry,
             multiprocess_mode="max",
         )
+        self.shed = Counter(
+            "policy_server_shed_requests", "Requests refused with 503 because the policy's queue was full.", registry=registry
+        )
+        self.queue_limit = Gauge(
+            "policy_server_queue_limit", "Requests that may wait or run at once per policy.", registry=registry, multiprocess_mode="max"
+        )
+        self.queued = Gauge(
+            "policy_server_queued_requests", "Requests waiting or running now.", registry=registry, multiprocess_mode="livesum"
+        )
         self._action_counters: list[list[Any]] = []
 
     def warn_if_counts_split(self) -> None:
@@ -88,6 +100,15 @@ class Metrics:
             for head in info["heads"]
             if head["kind"] == "discrete"
         ]
+
+    def watch_queue(self, admission: "Admission") -> None:
+        """Report the queue's bound, and its depth read at each scrape (nothing per request)."""
+        self.queue_limit.set(admission.limit)
+        if not self.multiprocess:  # a callback reads this process only: workers report their bound and sheds
+            self.queued.set_function(lambda: admission.admitted)
+
+    def count_shed(self) -> None:
+        self.shed.inc()
 
     def observe_batch(self, rows: int, seconds: float) -> None:
         self.batch_size.observe(rows)

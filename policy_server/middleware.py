@@ -4,6 +4,7 @@ Pure ASGI rather than BaseHTTPMiddleware: they run on every request, and cost a 
 """
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -49,10 +50,10 @@ class RequestBodyGuard:
         if content_type is None:  # curl -d without -H, many embedded clients: read it as JSON
             scope = dict(scope, headers=[*scope["headers"], (b"content-type", b"application/json")])
         elif not _is_json(content_type):
-            await _reply(send, 415, "Send the body as JSON, with the header 'Content-Type: application/json'.")
+            await send_error(send, 415, "Send the body as JSON, with the header 'Content-Type: application/json'.")
             return
         if length is not None and length > self.max_bytes:
-            await _reply(send, 413, self._too_large())
+            await send_error(send, 413, self._too_large())
             return
         received = 0
 
@@ -86,13 +87,15 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
-async def _reply(send: Send, status: int, detail: Any) -> None:
+async def send_error(send: Send, status: int, detail: Any, headers: Mapping[str, str] | None = None) -> None:
+    """Answer `{"detail": detail}` from pure ASGI middleware, before any route ran."""
     body = json.dumps({"detail": detail}).encode()
+    extra = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (headers or {}).items()]
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra],
         }
     )
     await send({"type": "http.response.body", "body": body})

@@ -19,14 +19,15 @@ from policy_server.settings import Settings
 
 
 def build_app(settings: Settings) -> FastAPI:
-    from policy_server.api import SDKOptions, create_app  # the HTTP layer sits on top; nothing below imports it
+    from policy_server.api import Limits, SDKOptions, create_app  # the HTTP layer sits on top; nothing below imports it
 
     spec = load_policy_spec(settings.policy_dir)
     api_key = _api_key(spec, settings)
     metrics = Metrics() if settings.metrics_enabled else None
     executor = create_executor(spec, settings, metrics)
     sdks = SDKOptions(settings.sdk_cache_dir, settings.sdks_in_background)
-    return create_app(spec, executor, api_key=api_key, max_body_bytes=settings.max_body_bytes, metrics=metrics, sdks=sdks)
+    limits = Limits(settings.max_body_bytes, settings.max_queue, settings.drain_timeout_s)
+    return create_app(spec, executor, api_key=api_key, limits=limits, metrics=metrics, sdks=sdks)
 
 
 def _api_key(spec: PolicySpec, settings: Settings) -> str | None:

@@ -17,7 +17,7 @@ import torch
 from conftest import API_KEY, AUTH, MOUSE_OBSERVATION, MOUSE_SCHEMA, FixedLogits, MakePolicyDir, mlp, save_model, settings_for
 from fastapi.testclient import TestClient
 
-from policy_server.api import create_app
+from policy_server.api import Limits, create_app
 from policy_server.errors import ConfigError
 from policy_server.loading import load_policy_spec
 from policy_server.policy import Result, Task
@@ -172,13 +172,24 @@ def test_service_answers(prefixed: TestClient) -> None:
     assert "api_key" not in json.dumps(schema)
 
 
+BROWSER_ACCEPT = {"accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+
+
 @pytest.mark.parametrize("path", ["/", "/api/v1", "/api/v1/"])
-def test_root_redirects_to_docs(prefixed: TestClient, path: str) -> None:
-    response = prefixed.get(path, follow_redirects=False)
+def test_root_sends_browsers_to_docs(prefixed: TestClient, path: str) -> None:
+    response = prefixed.get(path, headers=BROWSER_ACCEPT, follow_redirects=False)
     assert response.status_code in (301, 302, 303, 307, 308)
     location = response.headers["location"]
     assert location.rstrip("/").endswith("/docs")
     assert prefixed.get(location, follow_redirects=False).status_code == 200
+
+
+@pytest.mark.parametrize("accept", [None, "*/*", "application/json"])
+def test_root_answers_monitors_as_the_original_did(prefixed: TestClient, accept: str | None) -> None:
+    """The original server's health check: GET / → 200 and the JSON string "ok", no redirect."""
+    response = prefixed.get("/", headers={"accept": accept} if accept else {}, follow_redirects=False)
+    assert response.status_code == 200
+    assert response.json() == "ok"
 
 
 def test_prefix_does_not_swallow_similar_paths(prefixed: TestClient) -> None:
@@ -665,7 +676,7 @@ class FakeExecutor:
 def test_ready_is_503_until_the_executor_is_ready(make_policy_dir: MakePolicyDir) -> None:
     spec = load_policy_spec(make_policy_dir(MOUSE_SCHEMA, mlp(6, 4), 6))
     executor = FakeExecutor()
-    app = create_app(spec, executor, api_key=API_KEY, max_body_bytes=1024)
+    app = create_app(spec, executor, api_key=API_KEY, limits=Limits(max_body_bytes=1024))
     client = TestClient(app, raise_server_exceptions=False)  # no lifespan: start() is not called
     for path in ("/ready", "/ready/"):
         response = client.get(path)
