@@ -174,19 +174,31 @@ class Commands:
         backend: str | None = None,
         log_level: str = "info",
     ) -> None:
-        """Serve the policy in `directory` (the same as `uvicorn app:app`, from anywhere).
+        """Serve the policy in `directory`: `uvicorn app:app` from anywhere, with the hardened HTTP
+        protocol (request timeouts, a connection bound, h2c upgrade requests answered whole).
 
         Args:
             workers: uvicorn worker processes; with more than one, /metrics sums them all
         """
         import uvicorn
 
+        from policy_server.protocol import HardenedHTTP, raise_descriptor_limit
+
         os.environ["POLICY_SERVER_DIR"] = str(Path(directory).resolve())
         if backend is not None:
             os.environ["POLICY_SERVER_BACKEND"] = backend
         if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="policy-server-metrics-")
-        uvicorn.run("policy_server.server:app_from_environment", factory=True, host=host, port=port, workers=workers, log_level=log_level)
+        raise_descriptor_limit()
+        uvicorn.run(
+            "policy_server.server:app_from_environment",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level,
+            http=HardenedHTTP,
+        )
 
 
 def _openapi(directory: str) -> tuple[dict[str, Any], str]:

@@ -8,6 +8,9 @@ from pathlib import Path
 from policy_server.errors import ConfigError
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_MAX_QUEUE = 256  # requests waiting or running per policy; beyond, 503 (policy_server/admission.py)
+DEFAULT_DRAIN_S = 20.0  # under Kubernetes' default 30 s grace period (policy_server/drain.py)
+DEFAULT_REQUEST_TIMEOUT_S = 10.0  # a request's head and body must arrive within this (policy_server/protocol.py)
 DEFAULT_RAY_METRICS_PORT = 8080
 
 
@@ -20,6 +23,10 @@ class Settings:
     auth_enabled: bool = True
     backend: str | None = None  # overrides serving.backend
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_queue: int = DEFAULT_MAX_QUEUE
+    drain_timeout_s: float = DEFAULT_DRAIN_S
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    max_connections: int | None = None  # None: the file-descriptor limit less a reserve
     torch_threads: int = 1
     inline_budget_ms: float = 1.0  # local: batches estimated cheaper than this run on the event loop
     metrics_enabled: bool = True
@@ -43,6 +50,10 @@ class Settings:
             auth_enabled=env.get("POLICY_SERVER_AUTH", "on").strip().lower() != "off",
             backend=env.get("POLICY_SERVER_BACKEND") or None,
             max_body_bytes=_positive_int(env, "POLICY_SERVER_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
+            max_queue=_positive_int(env, "POLICY_SERVER_MAX_QUEUE", DEFAULT_MAX_QUEUE),
+            drain_timeout_s=_number(env, "POLICY_SERVER_DRAIN_SECONDS", DEFAULT_DRAIN_S, zero_allowed=True),
+            request_timeout_s=_number(env, "POLICY_SERVER_REQUEST_TIMEOUT", DEFAULT_REQUEST_TIMEOUT_S),
+            max_connections=_positive_int(env, "POLICY_SERVER_MAX_CONNECTIONS", 1) if env.get("POLICY_SERVER_MAX_CONNECTIONS") else None,
             torch_threads=_positive_int(env, "POLICY_SERVER_TORCH_THREADS", 1),
             inline_budget_ms=_number(env, "POLICY_SERVER_INLINE_MS", 1.0, zero_allowed=True),
             metrics_enabled=env.get("POLICY_SERVER_METRICS", "on").strip().lower() != "off",
