@@ -237,14 +237,17 @@ def test_start_and_stop_leave_no_thread(policy: Policy) -> None:
     assert _policy_threads() == []
 
 
-def test_a_failing_model_fails_only_its_batch(policy: Policy, budget_ms: float, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.ERROR, logger="policy_server")
+def test_a_failing_input_fails_only_its_task(policy: Policy, budget_ms: float, caplog: pytest.LogCaptureFixture) -> None:
+    """The model raises on a batch because of one task's rows: the batch runs again in halves, and
+    only that task fails, under an error id of its own logged with the traceback."""
+    caplog.set_level(logging.WARNING, logger="policy_server")
     tasks = _tasks(16, seed=6)
     poisoned_index = 9
     tasks[poisoned_index].rows[0, 0] = POISON
     expected = [_alone(policy, task) if i != poisoned_index else None for i, task in enumerate(tasks)]
     after = _tasks(5, seed=7)
-    executor = LocalExecutor(policy, max_batch_size=4, inline_budget_ms=budget_ms)
+    observed: list[int] = []
+    executor = LocalExecutor(policy, max_batch_size=8, inline_budget_ms=budget_ms, observe_batch=lambda rows, _: observed.append(rows))
 
     async def scenario() -> tuple[list[Result | BaseException], list[Result], RecordingModel]:
         recorder = await _started(executor)
@@ -256,24 +259,19 @@ def test_a_failing_model_fails_only_its_batch(policy: Policy, budget_ms: float, 
         return list(results), list(later), recorder
 
     results, later, recorder = asyncio.run(scenario())
-    assert recorder.failed.count(True) == 1
-    failed_rows = recorder.passes[recorder.failed.index(True)]
-    in_failed_pass = [any((failed_rows == task.rows[0]).all(axis=1)) for task in tasks]
-    assert in_failed_pass[poisoned_index] and 1 < sum(in_failed_pass) < len(tasks)
-    failures = [r for r in results if isinstance(r, PolicyFailure)]
-    assert len(failures) == sum(in_failed_pass)
-    error_ids = {failure.error_id for failure in failures}
-    assert len(error_ids) == 1
-    (error_id,) = error_ids
-    assert re.fullmatch(r"[0-9a-f]{6,}", error_id)
-    for result, want, failed in zip(results, expected, in_failed_pass, strict=True):
-        if failed:
-            assert isinstance(result, PolicyFailure)
-        else:
-            assert want is not None and not isinstance(result, BaseException)
+    first_failure = recorder.failed.index(True)
+    assert len(recorder.passes[first_failure]) == 8  # the poisoned task shared a batch of 8
+    assert [len(rows) for rows, failed in zip(recorder.passes, recorder.failed, strict=True) if failed] == [8, 4, 2, 1]  # halved down to it
+    failure = results[poisoned_index]
+    assert isinstance(failure, PolicyFailure) and re.fullmatch(r"[0-9a-f]{12}", failure.error_id)
+    for i, (result, want) in enumerate(zip(results, expected, strict=True)):
+        if i != poisoned_index:
+            assert want is not None and not isinstance(result, BaseException), (i, result)
             _assert_same(result, want)
-    logged = [r for r in caplog.records if error_id in r.getMessage()]
-    assert logged and logged[0].exc_info is not None  # the traceback is logged under that id
+    logged = [r for r in caplog.records if failure.error_id in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None  # the traceback is logged under that id
+    assert any("failed on a batch of 8 requests" in r.getMessage() for r in caplog.records)
+    assert sum(observed) == 15 + 5  # the metrics count each row answered once, the failed one not
     for result, task in zip(later, after, strict=True):
         _assert_same(result, _alone(policy, task))
 

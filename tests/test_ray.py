@@ -7,6 +7,7 @@ subprocesses check start-up, a replica killed under load, and that SIGTERM leave
 
 import os
 import random
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from ray_support import (
     wait_until,
 )
 from servers import free_port, running_server, uvicorn_command
+from test_batch_isolation import CLIENTS, REQUESTS_PER_CLIENT, error_id_of, poisoned_load, raising_policy_dir
 
 from policy_server import loading
 from policy_server.errors import ConfigError
@@ -357,6 +359,33 @@ def test_a_killed_replica_loses_no_request(local_ray: str, make_policy_dir: Make
     assert "a replica died with a request in flight" in server.log
     assert server.returncode in (0, -signal.SIGTERM), server.log
     assert ray.is_initialized() and folder.name not in ray_serve.status().applications
+
+
+def test_a_poisoned_request_fails_alone_on_the_replica(local_ray: str, make_policy_dir: MakePolicyDir) -> None:
+    """`uvicorn app:app` joined to the module's Ray, 16 clients at once, one sending an observation
+    the model raises on: the replica halves each batch that fails, so every good request gets a 200
+    and every poisoned one a 500 whose error id the replica logged with the traceback."""
+    folder = raising_policy_dir(make_policy_dir)
+    port = free_port()
+    env = {"RAY_ADDRESS": local_ray, "POLICY_SERVER_RAY_NODE_IP": NODE_IP, "POLICY_SERVER_RAY_REPLICA_CPUS": str(REPLICA_CPUS)}
+    with running_server(uvicorn_command(port), port, cwd=folder, env=env, ready_path="/health") as server:
+        ready_statuses(server.url)
+        good, poisoned = poisoned_load(server.url, poisoned_client=3)
+        error_ids = [error_id_of(response) for response in poisoned]
+        wait_until(lambda: all(error_id in _ray_logs() for error_id in error_ids), 60, "the replica logged every error id")
+    assert len(good) == (CLIENTS - 1) * REQUESTS_PER_CLIENT and len(poisoned) == REQUESTS_PER_CLIENT
+    assert set(good) == {200}, {status: good.count(status) for status in set(good)}
+    assert {response.status_code for response in poisoned} == {500} and len(set(error_ids)) == len(error_ids)
+    logs = _ray_logs()
+    for error_id in error_ids:
+        assert re.search(rf"the policy failed on a request \(error id {error_id}\)\s*\nTraceback \(most recent call last\):", logs)
+    assert re.search(r"failed on a batch of \d+ requests", logs), "the poisoned requests were never batched with others"
+
+
+def _ray_logs() -> str:
+    """Every log file of the module's Ray sessions, replicas' included."""
+    files = Path(os.environ["RAY_TMPDIR"]).glob("**/logs/**/*")
+    return "\n".join(path.read_text(errors="replace") for path in files if path.is_file() and path.suffix in (".log", ".err", ".out"))
 
 
 def test_uvicorn_starts_and_stops_its_own_ray(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 Requests wait in a pending list. When the executor is free, everything pending (up to
 `max_batch_size` rows) leaves as one batch: one forward pass. Requests that arrive while it
 computes form the next batch, so a lone request never waits and throughput rises with load.
-`batch_wait_ms` > 0 additionally holds a batch that long for more rows.
+`batch_wait_ms` > 0 additionally holds a batch that long for more rows. When the model raises on
+a batch, its tasks run again in halves, so one client's bad input fails that client's request only.
 
 Where a batch runs depends on its cost. Handing a batch to the worker thread and back costs a
 round trip through the event loop (~90 µs on a 2-core VM, more under load), about what a small
@@ -19,10 +20,8 @@ schedules the next.
 """
 
 import asyncio
-import logging
 import statistics
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,10 +31,9 @@ import numpy as np
 import torch
 
 from policy_server.errors import InputError, PolicyFailure
+from policy_server.executors import run_isolating_failures
 from policy_server.policy import Kind, Policy, Result, Task
 from policy_server.runtimes import gpu_memory
-
-logger = logging.getLogger("policy_server")
 
 _Pending = tuple[Task, "asyncio.Future[Result]"]
 _CALIBRATION_REPEATS = 15
@@ -169,20 +167,15 @@ class LocalExecutor:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, batch, results)
 
-    def _compute(self, batch: list[_Pending]) -> list[Result | PolicyFailure]:
-        """One forward pass for the batch; a failure fails this batch only."""
-        started = time.perf_counter()
-        try:
-            results: list[Result | PolicyFailure] = list(self.policy.run([task for task, _ in batch]))
-            if self.observe_batch is not None:
-                self.observe_batch(sum(len(task.rows) for task, _ in batch), time.perf_counter() - started)
-        except Exception:
-            error_id = uuid.uuid4().hex[:12]
-            logger.exception("the policy failed on a batch of %d requests (error id %s)", len(batch), error_id)
-            results = [PolicyFailure(error_id)] * len(batch)
+    def _compute(self, batch: list[_Pending]) -> list[Result]:
+        """One forward pass for the batch; a task whose input makes the model fail fails alone."""
+        results, passes = run_isolating_failures(self.policy, [task for task, _ in batch])
+        if self.observe_batch is not None:
+            for forward_pass in passes:
+                self.observe_batch(forward_pass.rows, forward_pass.seconds)
         return results
 
-    def _deliver(self, batch: list[_Pending], results: list[Result | PolicyFailure]) -> None:
+    def _deliver(self, batch: list[_Pending], results: list[Result]) -> None:
         for (_, future), result in zip(batch, results, strict=True):
             if future.done():  # the client went away
                 continue

@@ -32,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
 
 from policy_server.errors import InputError, PolicyFailure
+from policy_server.executors import run_isolating_failures
 from policy_server.loading import load_policy, load_policy_spec
 from policy_server.policy import Decisions, Distributions, Result, Task
 from policy_server.runtimes import gpu_memory
@@ -55,8 +56,8 @@ class Answer:
     """A replica's answer to one task, as it crosses processes.
 
     Errors travel as their fields: `InputError` needs its constructor arguments, which pickling
-    an exception does not keep. `batch` (rows, seconds of the forward pass) is set on the first
-    task of each batch only, so the app's metrics count every batch once.
+    an exception does not keep. `batch` (rows, seconds of a forward pass) is set on the first
+    task of each forward pass only, so the app's metrics count every pass once.
     """
 
     result: Decisions | Distributions | None = None
@@ -97,18 +98,11 @@ class PolicyDeployment:
 
     @serve.batch  # sizes come from the schema, set in __init__
     async def run(self, tasks: list[Task]) -> list[Answer]:
-        """One forward pass for every task of the batch."""
-        started = time.perf_counter()
-        try:
-            results = self.policy.run([_writable(task) for task in tasks])
-        except Exception:
-            error_id = uuid.uuid4().hex[:12]
-            logger.exception("the policy failed on a batch of %d requests (error id %s)", len(tasks), error_id)
-            return [Answer(failure_id=error_id)] * len(tasks)
-        rows = sum(len(task.rows) for task in tasks)
-        self.rows_answered += rows
-        batch = (rows, time.perf_counter() - started)
-        return [Answer.of(result, batch if i == 0 else None) for i, result in enumerate(results)]
+        """One forward pass for every task of the batch; a task whose input makes the model fail fails alone."""
+        results, passes = run_isolating_failures(self.policy, [_writable(task) for task in tasks])
+        self.rows_answered += sum(forward_pass.rows for forward_pass in passes)
+        batches = {forward_pass.first_task: (forward_pass.rows, forward_pass.seconds) for forward_pass in passes}
+        return [Answer.of(result, batches.get(i)) for i, result in enumerate(results)]
 
     def describe(self) -> dict[str, Any]:
         """The policy as `Policy.describe`, and which replica, where, and how busy it has been."""
