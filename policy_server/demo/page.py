@@ -20,7 +20,7 @@ from policy_server.demo.answers import ALLOWED, CHOSEN, MASKED, Answer, HeadView
 from policy_server.demo.client import PolicyClient, ServerError, Unreachable
 from policy_server.demo.form import Field, Scalar, Value, Widget, example_value, fields, format_list, parse_list, random_value
 from policy_server.errors import ConfigError
-from policy_server.loading import load_policy_spec
+from policy_server.schema import load_spec
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 HISTORY_ROWS = 50
@@ -122,8 +122,10 @@ def _fill_missing_key(folder: Path) -> None:
 
 
 def _schema_key(folder: Path) -> str | None:
+    """The key in the folder's schema.yaml (every folder the page offers has one), read by `schema`
+    alone: `loading`, which also finds models, imports torch, and the page must stay light to show fast."""
     try:
-        return load_policy_spec(folder).api_key
+        return load_spec(folder / launcher.SCHEMA_FILE).api_key
     except ConfigError:
         return None  # the server will not start either; its log tail will say why
 
