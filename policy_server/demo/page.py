@@ -10,9 +10,8 @@ import os
 import random
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import altair as alt
 import streamlit as st
 
 from policy_server.demo import launcher
@@ -21,6 +20,9 @@ from policy_server.demo.client import PolicyClient, ServerError, Unreachable
 from policy_server.demo.form import Field, Scalar, Value, Widget, example_value, fields, format_list, parse_list, random_value
 from policy_server.errors import ConfigError
 from policy_server.schema import load_spec
+
+if TYPE_CHECKING:
+    import altair as alt
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 HISTORY_ROWS = 50
@@ -293,8 +295,11 @@ def _show_answer() -> None:
         column.altair_chart(_chart(view), width="stretch")
 
 
-def _chart(view: HeadView) -> alt.LayerChart:
-    """The head's probabilities in label order, the chosen action highlighted, masked ones marked at 0."""
+def _chart(view: HeadView) -> "alt.LayerChart":
+    """The head's probabilities in label order, the chosen action highlighted, masked ones marked at 0.
+    altair is imported here, at the first answer, not with the page: the first render needs no chart."""
+    import altair as alt
+
     base = alt.Chart(alt.Data(values=view.bars)).encode(
         x=alt.X("label:N", sort=None, title=None, axis=alt.Axis(labelAngle=0)),
         y=alt.Y("probability:Q", scale=alt.Scale(domain=[0, 1]), title="probability"),
