@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ import yaml
 from conftest import API_KEY, mlp, mouse_observation, save_model
 from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from servers import REPO, Server, free_port, running_server, uvicorn_command
+from servers import REPO, Server, clean_env, free_port, running_server, uvicorn_command
 from streamlit.testing.v1 import AppTest
 
 from policy_server.demo import launcher
@@ -47,6 +48,20 @@ START_TIMEOUT_MS = 90_000  # the server started from the page loads its policy
 GONE_TIMEOUT_S = 20.0
 MOUSE_LABELS = ["up", "down", "left", "right"]
 MASK_LABELS = ["machine: a", "machine: b", "speed: slow", "speed: normal", "speed: fast"]
+# The server's stack, which the page (a client of its HTTP API) never needs, and altair, for the first chart only.
+NOT_AT_FIRST_RENDER = ("torch", "ray", "fastapi", "numpy", "altair")
+FIRST_RENDER = """
+import json, sys
+from streamlit.testing.v1 import AppTest
+
+app, url, *heavy = sys.argv[1:]
+at = AppTest.from_file(app, default_timeout=60)
+at.session_state["url"] = url
+at.run()
+assert not at.exception, [exception.value for exception in at.exception]
+imported = {"heavy": [name for name in heavy if name in sys.modules], "ours": sorted(n for n in sys.modules if n.startswith("policy_server"))}
+print(json.dumps(imported))
+"""
 
 # --- servers and pages ----------------------------------------------------------------------
 
@@ -225,6 +240,17 @@ def test_unreachable_server_is_a_clear_message(url: str, message: str) -> None:
     at = page(url.format(port=port))
     assert message.format(port=port) in texts(at.sidebar.error)
     assert "No policy to ask yet" in texts(at.info)
+
+
+def test_first_render_imports_nothing_heavy() -> None:
+    """The page's first run, in a fresh interpreter: importing torch (through the server's model loading)
+    made the page take seconds to first show."""
+    url = f"http://127.0.0.1:{free_port()}"  # nothing answers: the page's first render for a new user
+    command = [sys.executable, "-c", FIRST_RENDER, str(APP), url, *NOT_AT_FIRST_RENDER]
+    result = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    imported = json.loads(result.stdout.splitlines()[-1])
+    assert imported["heavy"] == [], f"the page imported {imported['heavy']}; its modules: {imported['ours']}"
 
 
 def test_raw_tab_for_a_schema_without_observations(tmp_path: Path) -> None:

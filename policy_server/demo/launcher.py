@@ -32,6 +32,7 @@ STOP_TIMEOUT_S = 10.0
 POLL_S = 0.2
 LOG_TAIL_LINES = 25
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SCHEMA_FILE = "schema.yaml"
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -84,8 +85,8 @@ _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 
 def policy_folders() -> dict[str, Path]:
     """What the page can serve, by label: the repo's own schema.yaml (if any), then each example."""
-    folders = {"schema.yaml (this folder)": REPO} if (REPO / "schema.yaml").is_file() else {}
-    for schema in sorted((REPO / "examples").glob("*/schema.yaml")):
+    folders = {f"{SCHEMA_FILE} (this folder)": REPO} if (REPO / SCHEMA_FILE).is_file() else {}
+    for schema in sorted((REPO / "examples").glob(f"*/{SCHEMA_FILE}")):
         folders[f"examples/{schema.parent.name}"] = schema.parent
     return folders
 

@@ -10,9 +10,8 @@ import os
 import random
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import altair as alt
 import streamlit as st
 
 from policy_server.demo import launcher
@@ -20,7 +19,10 @@ from policy_server.demo.answers import ALLOWED, CHOSEN, MASKED, Answer, HeadView
 from policy_server.demo.client import PolicyClient, ServerError, Unreachable
 from policy_server.demo.form import Field, Scalar, Value, Widget, example_value, fields, format_list, parse_list, random_value
 from policy_server.errors import ConfigError
-from policy_server.loading import load_policy_spec
+from policy_server.schema import load_spec
+
+if TYPE_CHECKING:
+    import altair as alt
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 HISTORY_ROWS = 50
@@ -122,8 +124,10 @@ def _fill_missing_key(folder: Path) -> None:
 
 
 def _schema_key(folder: Path) -> str | None:
+    """The key in the folder's schema.yaml (every folder the page offers has one), read by `schema`
+    alone: `loading`, which also finds models, imports torch, and the page must stay light to show fast."""
     try:
-        return load_policy_spec(folder).api_key
+        return load_spec(folder / launcher.SCHEMA_FILE).api_key
     except ConfigError:
         return None  # the server will not start either; its log tail will say why
 
@@ -291,8 +295,11 @@ def _show_answer() -> None:
         column.altair_chart(_chart(view), width="stretch")
 
 
-def _chart(view: HeadView) -> alt.LayerChart:
-    """The head's probabilities in label order, the chosen action highlighted, masked ones marked at 0."""
+def _chart(view: HeadView) -> "alt.LayerChart":
+    """The head's probabilities in label order, the chosen action highlighted, masked ones marked at 0.
+    altair is imported here, at the first answer, not with the page: the first render needs no chart."""
+    import altair as alt
+
     base = alt.Chart(alt.Data(values=view.bars)).encode(
         x=alt.X("label:N", sort=None, title=None, axis=alt.Axis(labelAngle=0)),
         y=alt.Y("probability:Q", scale=alt.Scale(domain=[0, 1]), title="probability"),
