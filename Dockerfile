@@ -39,4 +39,4 @@ EXPOSE 8000 8080
 # /health answers while Ray starts (up to a minute); /ready only once the policy answers
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
-CMD ["uvicorn", "app:app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["python", "generate.py", "serve", "--host", "0.0.0.0", "--port", "8000"]

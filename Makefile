@@ -1,12 +1,13 @@
 # make serve: serve the default example on 127.0.0.1:8000 (creates .venv and installs if missing)
 # make test:  run the whole test suite
 # make bench: the benchmark harness (writes bench/RESULTS.md; run it on an otherwise idle machine)
+# make soak:  64 clients for 10 minutes: no error, RSS and open files flat (writes bench/SOAK.md)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test bench lint format
+.PHONY: install serve test bench soak lint format
 
 install: $(VENV)/.installed
 
@@ -18,7 +19,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 serve: install
 	@test -f schema.yaml || $(PY) generate.py copy_server_files examples/mouse_and_cheese
-	$(VENV)/bin/uvicorn app:app --host $(HOST) --port $(PORT)
+	$(PY) generate.py serve --host $(HOST) --port $(PORT)
 
 test: install
 	$(PY) -m pytest
@@ -27,6 +28,10 @@ bench: install
 	$(PY) -m pip install --quiet -r requirements-bench.txt
 	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install -y wrk"; exit 1; }
 	$(PY) bench/run.py
+
+soak: install
+	@command -v wrk >/dev/null || { echo "soak needs wrk: apt-get install -y wrk"; exit 1; }
+	$(PY) bench/soak.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -167,7 +167,7 @@ class Commands:
 
     def serve(
         self,
-        directory: str = ".",
+        directory: str | None = None,
         host: str = "127.0.0.1",
         port: int = 8000,
         workers: int = 1,
@@ -178,13 +178,15 @@ class Commands:
         protocol (request timeouts, a connection bound, h2c upgrade requests answered whole).
 
         Args:
+            directory: the policy folder (default: POLICY_SERVER_DIR, else here)
             workers: uvicorn worker processes; with more than one, /metrics sums them all
         """
         import uvicorn
 
         from policy_server.protocol import HardenedHTTP, raise_descriptor_limit
 
-        os.environ["POLICY_SERVER_DIR"] = str(Path(directory).resolve())
+        if directory is not None:  # else POLICY_SERVER_DIR, else the working directory
+            os.environ["POLICY_SERVER_DIR"] = str(Path(directory).resolve())
         if backend is not None:
             os.environ["POLICY_SERVER_BACKEND"] = backend
         if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:

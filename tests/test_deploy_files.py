@@ -84,7 +84,7 @@ def test_dockerfile_copies_files_that_exist_and_ignores_the_venv() -> None:
 
 def test_dockerfile_serves_the_readme_command_on_the_code_ports() -> None:
     command = _cmd("server")
-    assert command == f"uvicorn app:app --host 0.0.0.0 --port {API_PORT}"
+    assert command == f"python generate.py serve --host 0.0.0.0 --port {API_PORT}"
     assert command in (REPO / "README.md").read_text(), "the README shows the command the image runs"
     assert _instructions("server", "EXPOSE") == [f"{API_PORT} {DEFAULT_RAY_METRICS_PORT}"]
     (healthcheck,) = _instructions("server", "HEALTHCHECK")
