@@ -155,8 +155,13 @@ def uvicorn(app: str) -> Callable[[int], list[str]]:
 RAY_ENV = {"POLICY_SERVER_RAY_NODE_IP": "127.0.0.2", "POLICY_SERVER_RAY_CPUS": "2"}
 
 
+def hardened(command: Callable[[int], list[str]]) -> Callable[[int], list[str]]:
+    """What `generate.py serve` runs: uvicorn with our HTTP protocol (request deadlines, connection bound)."""
+    return lambda port: [*command(port), "--http", "policy_server.protocol:HardenedHTTP"]
+
+
 def configurations() -> list[Config]:
-    ours = uvicorn("app:app")
+    ours = hardened(uvicorn("app:app"))
     return [
         Config("reference", uvicorn("reference_server:app"), "mouse_ts", note="plain FastAPI + the TorchScript model, no validation"),
         Config("raw-asgi", uvicorn("raw_asgi:app"), "mouse", note="bare ASGI, fixed answer: the HTTP ceiling"),
