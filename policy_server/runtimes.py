@@ -14,6 +14,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,8 @@ BUNDLE_SCHEMA = "schema.yaml"
 
 @dataclass
 class Runtime:
-    """A loaded model. `input_size` is what the file says it takes (None: the file does not say)."""
+    """A loaded model. `input_size` is what the file says it takes (None: the file does not say);
+    then `candidate_input_sizes` are the sizes worth trying on it (its weights' dimensions)."""
 
     path: Path
     format: str
@@ -41,6 +43,7 @@ class Runtime:
     input_size: int | None
     device: str = "cpu"
     sha256: str = ""  # of the file as served, so /info tells which model answers
+    candidate_input_sizes: tuple[int, ...] = ()
 
     def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
         with torch.inference_mode():
@@ -182,14 +185,16 @@ def _load_torchscript(path: Path, data: bytes, device: str = "cpu") -> Runtime:
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=Warning)
         module = torch.jit.load(io.BytesIO(data), map_location=device)
     module.eval()
-    return Runtime(path=path, format="torchscript", forward=module, input_size=_first_layer_width(module), device=device)
+    return Runtime(
+        path=path, format="torchscript", forward=module, input_size=None, device=device, candidate_input_sizes=_weight_dimensions(module)
+    )
 
 
-def _first_layer_width(module: torch.nn.Module) -> int | None:
-    """A TorchScript file does not declare its input size; an MLP's first weight [out, in] does."""
-    for parameter in module.parameters():
-        return int(parameter.shape[1]) if parameter.dim() == 2 else None
-    return None
+def _weight_dimensions(module: torch.nn.Module) -> tuple[int, ...]:
+    """Every dimension of the weights and buffers, first seen first: a TorchScript file does not
+    declare its input size, and the input is multiplied with, or shaped like, one of them."""
+    tensors = chain(module.parameters(), module.buffers())
+    return tuple(dict.fromkeys(int(size) for tensor in tensors for size in tensor.shape if size > 0))
 
 
 def _load_exported(path: Path, data: bytes, device: str = "cpu", cache: TraceCache | None = None) -> Runtime:

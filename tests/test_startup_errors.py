@@ -1,0 +1,41 @@
+"""Start-up refuses a broken policy folder the way users meet it: `uvicorn app:app` (and
+`generate.py validate`) as subprocesses, exiting 1 with one line on stderr, never a traceback."""
+
+from pathlib import Path
+
+import torch
+from conftest import MakePolicyDir
+from servers import REPO, free_port, run, uvicorn_command
+
+START_FAILURE_TIMEOUT_S = 90.0  # a start that hangs fails the test (TimeoutExpired), it never blocks it
+
+KEY = "parameters: {discrete: true, api_key: '1234567asdfgh'}\n"
+
+
+def start_up_line(folder: Path) -> str:
+    """`uvicorn app:app` serving `folder`: it must exit 1 having written exactly one line to stderr."""
+    result = run(uvicorn_command(free_port()), cwd=REPO, env={"POLICY_SERVER_DIR": str(folder)}, timeout=START_FAILURE_TIMEOUT_S)
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("policy-server: cannot start: "), lines[0]
+    return lines[0]
+
+
+# --- the model's input size ------------------------------------------------------------------
+
+
+class TimesWeight(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(6, 4))  # [in, out]
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs @ self.w
+
+
+def test_a_torchscript_model_of_another_size_is_told_by_its_true_size(make_policy_dir: MakePolicyDir) -> None:
+    schema = KEY + "observations:\n" + "".join(f"  x{i}: {{type: float}}\n" for i in range(5))
+    folder = make_policy_dir(schema, TimesWeight(), 6, "model.pt")
+    line = start_up_line(folder)
+    assert f"{folder / 'models' / 'model.pt'}: model: takes 6 input values but schema.yaml describes 5; fix: " in line
