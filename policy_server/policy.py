@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from policy_server.errors import ConfigError, InputError, PolicyFailure, model_error_line
+from policy_server.observations import RowEncoder, example_observation
 from policy_server.schema import ContinuousHead, DiscreteHead, Head, PolicySpec
 
 logger = logging.getLogger("policy_server")
@@ -185,7 +186,8 @@ def _all_finite(parameters: list[HeadParameters]) -> bool:
 
 
 def masked_softmax(logits: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """Softmax per row; masked actions get exactly 0. A row with nothing allowed is all 0."""
+    """Softmax per row; masked actions get exactly 0. A row with nothing allowed is all 0; one
+    with a NaN logit allowed stays NaN, a model failure rather than a row with nothing allowed."""
     logits = np.clip(logits, -_HUGE, _HUGE)  # a model's ±inf logit: certainty, not NaN (NaN stays NaN)
     if mask is None:  # every row has a finite peak: no guard needed
         weights = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -195,7 +197,7 @@ def masked_softmax(logits: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     peak = np.where(np.isfinite(peak), peak, 0.0)
     weights = np.exp(logits - peak)
     total = weights.sum(axis=1, keepdims=True)
-    return np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
+    return np.divide(weights, total, out=np.zeros_like(weights), where=total != 0)
 
 
 def sample_discrete(probabilities: np.ndarray, rng: random.Random) -> np.ndarray:
@@ -274,7 +276,7 @@ def describe_head(head: Head) -> dict[str, Any]:
 
 
 def build_policy(spec: PolicySpec, model: Model, info: ModelInfo) -> Policy:
-    """Check the model against the schema (sizes, heads, mask) and read its heads.
+    """Check the model against the schema (sizes, heads, mask, finite outputs) and read its heads.
 
     A mismatch is the user's to fix, so it is a `ConfigError` naming both sizes.
     """
@@ -291,7 +293,9 @@ def build_policy(spec: PolicySpec, model: Model, info: ModelInfo) -> Policy:
         ) from None
     heads, slots = _read_heads(spec, [o.shape[1] for o in outputs], model_path)
     mask_columns = _mask_columns(spec, heads)
-    return Policy(model, info, input_size, heads, slots, mask_columns)
+    policy = Policy(model, info, input_size, heads, slots, mask_columns)
+    _refuse_non_finite_outputs(policy, spec)
+    return policy
 
 
 def _input_size(spec: PolicySpec, model: Model, info: ModelInfo) -> int:
@@ -359,6 +363,33 @@ def _failure_on_a_row(model: Model, size: int) -> str | None:
     except Exception as exc:  # a model may raise anything; the line is all the user needs
         return model_error_line(exc)
     return None
+
+
+def _refuse_non_finite_outputs(policy: Policy, spec: PolicySpec) -> None:
+    """A model of NaN weights passes every other check, then answers 500 to every request: refuse it
+    now, on an all-zero row and on the schema's example observation (the middle of its bounds)."""
+    probes = {"an all-zero input row": np.zeros((1, policy.input_size), dtype=np.float32)}
+    if spec.observations is not None:
+        example = RowEncoder(spec).encode([example_observation(spec)])
+        if example.shape[1] == policy.input_size:  # lists of varying length: the example has 1 item each
+            probes["the schema's example observation"] = example
+    for rows_name, rows in probes.items():
+        try:
+            parameters = policy.parameters(rows)
+        except Exception as exc:
+            raise ConfigError(
+                policy.info.path,
+                "model",
+                f"fails on {rows_name} ({model_error_line(exc)})",
+                "make forward(obs: float32[B, D]) run on any batch of the observations the schema allows",
+            ) from None
+        if not _all_finite(parameters):
+            raise ConfigError(
+                policy.info.path,
+                "model",
+                f"gives NaN or infinite outputs for {rows_name}",
+                "check the model's weights for NaN (a diverged training run?) and export it again",
+            )
 
 
 def _read_heads(spec: PolicySpec, widths: list[int], model_path: str) -> tuple[list[Head], list[OutputSlot]]:

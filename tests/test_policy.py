@@ -107,6 +107,35 @@ def test_extreme_logits_stay_finite() -> None:
     assert abs(probabilities[1].sum() - 1.0) < 1e-12 and probabilities[1][0] == probabilities[1][1]
 
 
+def test_a_nan_logit_of_an_allowed_action_stays_nan_under_a_mask() -> None:
+    logits = np.array([[np.nan, 1.0, 2.0], [np.nan, 1.0, 2.0], [np.nan, 1.0, 2.0]])
+    mask = np.array([[True, True, False], [False, True, True], [False, False, False]])
+    probabilities = masked_softmax(logits, mask)
+    assert np.isnan(probabilities[0]).all()  # a model failure, not "nothing allowed"
+    np.testing.assert_allclose(probabilities[1], special.softmax([-np.inf, 1.0, 2.0]))  # the NaN is masked out
+    assert (probabilities[2] == 0).all()  # nothing allowed
+
+
+class NaNAbove100(torch.nn.Module):
+    """Logits NaN once the last observation exceeds 100: finite at start-up, NaN for such a request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(5, 4)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.linear(obs) + torch.where(obs[:, 4:] > 100.0, float("nan"), 0.0)
+
+
+def test_nan_logits_under_a_mask_answer_500_not_no_allowed_action(make_policy_dir: MakePolicyDir, serve: Serve) -> None:
+    client = serve(make_policy_dir(MASKED, NaNAbove100(), 5))
+    body = {"actionMask": [True, True, False, True], "x": 1000.0}
+    response = client.post("/predict", json=body, headers=AUTH)
+    assert response.status_code == 500, response.text
+    assert "error id" in response.json()["detail"]
+    assert post(client, "/predict", body | {"x": 1.0})["actions"][0] in (0, 1, 3)
+
+
 def strict_json(text: str) -> Any:
     """Parse as strict JSON (RFC 8259): NaN and Infinity are not JSON, and most clients refuse them."""
 
@@ -567,6 +596,43 @@ def test_a_torchscript_models_size_is_found_when_the_schema_does_not_fix_it(make
     variable = KEY + "observations:\n  x: {type: 'List[float]'}\n"
     policy = policy_of(make_policy_dir(variable, TimesWeight(5, 3), 5, "model.pt"))
     assert policy.input_size == 5
+
+
+def nan_weights(module: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.fill_(float("nan"))
+    return module
+
+
+class NaNOffZero(torch.nn.Module):
+    """sqrt(-obs): finite on a zero row, NaN once an observation is positive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 4)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.sqrt(-obs))
+
+
+@pytest.mark.parametrize("model_name", ["model.pt2", "model.pt"])
+def test_a_model_of_nan_outputs_stops_start_up(make_policy_dir: MakePolicyDir, model_name: str) -> None:
+    folder = make_policy_dir(MOUSE_SCHEMA, nan_weights(mlp(6, 4)), 6, model_name)
+    error = start_up_error(folder)
+    assert error.path == str(folder / "models" / model_name) and error.key == "model"
+    assert error.problem == "gives NaN or infinite outputs for an all-zero input row"
+
+
+def test_a_model_of_nan_outputs_for_the_example_observation_stops_start_up(make_policy_dir: MakePolicyDir) -> None:
+    error = start_up_error(make_policy_dir(MOUSE_SCHEMA, NaNOffZero(), 6))  # the example: mouse_row 2 (bounds 0..4)
+    assert error.problem == "gives NaN or infinite outputs for the schema's example observation"
+
+
+def test_nan_logits_of_masked_actions_are_found_on_the_example(make_policy_dir: MakePolicyDir) -> None:
+    """A zero row masks every action (so hides NaN logits); the example observation allows them all."""
+    error = start_up_error(make_policy_dir(MASKED, nan_weights(mlp(5, 4)), 5))
+    assert error.problem == "gives NaN or infinite outputs for the schema's example observation"
 
 
 def test_mask_length_differs_from_the_models_actions(make_policy_dir: MakePolicyDir) -> None:

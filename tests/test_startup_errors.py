@@ -4,7 +4,7 @@
 from pathlib import Path
 
 import torch
-from conftest import MakePolicyDir
+from conftest import MOUSE_SCHEMA, MakePolicyDir, mlp
 from servers import REPO, free_port, run, uvicorn_command
 
 START_FAILURE_TIMEOUT_S = 90.0  # a start that hangs fails the test (TimeoutExpired), it never blocks it
@@ -39,3 +39,19 @@ def test_a_torchscript_model_of_another_size_is_told_by_its_true_size(make_polic
     folder = make_policy_dir(schema, TimesWeight(), 6, "model.pt")
     line = start_up_line(folder)
     assert f"{folder / 'models' / 'model.pt'}: model: takes 6 input values but schema.yaml describes 5; fix: " in line
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+
+def nan_mlp() -> torch.nn.Module:
+    module = mlp(6, 4)
+    with torch.no_grad():
+        module[0].weight[0, 0] = float("nan")  # NaN reaches every output through the hidden layer's sum
+    return module
+
+
+def test_a_model_of_nan_outputs_does_not_start(make_policy_dir: MakePolicyDir) -> None:
+    folder = make_policy_dir(MOUSE_SCHEMA, nan_mlp(), 6)
+    line = start_up_line(folder)
+    assert f"{folder / 'models' / 'model.pt2'}: model: gives NaN or infinite outputs" in line
