@@ -346,10 +346,30 @@ def test_corrupt_model_files_are_one_line(tmp_path: Path, case: str) -> None:
     assert error.key == "model"
 
 
-def test_pt2_that_is_really_torchscript(tmp_path: Path) -> None:
-    scripted = save_model(mlp(6, 4), tmp_path / "m.pt", 6).read_bytes()
-    folder = folder_with(tmp_path, {"models/model.pt2": scripted})
-    assert_one_line(load_fails(folder), folder / "models" / "model.pt2")
+def state_dict_bytes() -> bytes:
+    buffer = io.BytesIO()
+    torch.save(mlp(6, 4).state_dict(), buffer)
+    return buffer.getvalue()
+
+
+MISNAMED = {
+    "torchscript-as-pt2": ("model.pt2", ".pt", "is a TorchScript module, not a .pt2 file", "give it the suffix .pt"),
+    "pt2-as-pt": ("model.pt", ".pt2", "is a torch.export program, not a .pt file", "give it the suffix .pt2"),
+    "state-dict-as-pt2": ("model.pt2", "state_dict", "is a torch.save pickle", "torch.export.save"),
+    "state-dict-as-pt": ("model.pt", "state_dict", "is a torch.save pickle", "torch.jit.save"),
+    "empty-pt2": ("model.pt2", "empty", "is empty (0 bytes)", "torch.export.save"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISNAMED))
+def test_a_model_file_of_another_kind_is_named_for_what_it_is(tmp_path: Path, case: str) -> None:
+    name, content, problem, fix = MISNAMED[case]
+    special = {"empty": b"", "state_dict": state_dict_bytes()}
+    data = special[content] if content in special else model_bytes(tmp_path, content, mlp(6, 4), 6)
+    folder = folder_with(tmp_path, {f"models/{name}": data})
+    error = load_fails(folder)
+    assert_one_line(error, folder / "models" / name)
+    assert error.problem.startswith(problem) and fix in error.fix, str(error)
 
 
 def test_zip_with_two_models(tmp_path: Path) -> None:

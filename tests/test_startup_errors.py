@@ -3,9 +3,10 @@
 
 from pathlib import Path
 
+import pytest
 import torch
-from conftest import MOUSE_SCHEMA, MakePolicyDir, mlp
-from servers import REPO, free_port, run, uvicorn_command
+from conftest import MOUSE_SCHEMA, MakePolicyDir, mlp, save_model
+from servers import REPO, free_port, generate, run, uvicorn_command
 
 START_FAILURE_TIMEOUT_S = 90.0  # a start that hangs fails the test (TimeoutExpired), it never blocks it
 
@@ -55,3 +56,26 @@ def test_a_model_of_nan_outputs_does_not_start(make_policy_dir: MakePolicyDir) -
     folder = make_policy_dir(MOUSE_SCHEMA, nan_mlp(), 6)
     line = start_up_line(folder)
     assert f"{folder / 'models' / 'model.pt2'}: model: gives NaN or infinite outputs" in line
+
+
+# --- model files -------------------------------------------------------------------------------
+
+
+def validate_line(folder: Path) -> str:
+    result = generate("validate", str(folder))
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["empty", "torchscript"])
+def test_a_pt2_that_is_no_exported_program_is_one_line(tmp_path: Path, case: str) -> None:
+    folder = tmp_path / "policy"
+    (folder / "models").mkdir(parents=True)
+    (folder / "schema.yaml").write_text(MOUSE_SCHEMA)
+    model = folder / "models" / "model.pt2"
+    model.write_bytes(b"" if case == "empty" else save_model(mlp(6, 4), tmp_path / "scripted.pt", 6).read_bytes())
+    expected = {"empty": "is empty (0 bytes)", "torchscript": "is a TorchScript module, not a .pt2 file"}[case]
+    assert f"{model}: model: {expected}; fix: " in start_up_line(folder)
+    assert validate_line(folder).startswith(f"invalid: {model}: model: {expected}; fix: ")
