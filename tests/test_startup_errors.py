@@ -79,3 +79,20 @@ def test_a_pt2_that_is_no_exported_program_is_one_line(tmp_path: Path, case: str
     expected = {"empty": "is empty (0 bytes)", "torchscript": "is a TorchScript module, not a .pt2 file"}[case]
     assert f"{model}: model: {expected}; fix: " in start_up_line(folder)
     assert validate_line(folder).startswith(f"invalid: {model}: model: {expected}; fix: ")
+
+
+# --- schema.yaml -------------------------------------------------------------------------------
+
+
+def test_an_alias_bomb_in_the_schema_fails_at_once(make_policy_dir: MakePolicyDir) -> None:
+    anchors = ["&l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    anchors += [f"&l{level} [{', '.join([f'*l{level - 1}'] * 9)}]" for level in range(1, 9)]
+    schema = KEY + "observations:\n  x: {type: float}\nname: [" + ", ".join(anchors) + "]\n"
+    folder = make_policy_dir(schema, mlp(1, 2), 1)
+    assert f"{folder / 'schema.yaml'}: yaml: its aliases" in start_up_line(folder)
+
+
+def test_an_observation_defined_twice_is_named(make_policy_dir: MakePolicyDir) -> None:
+    schema = KEY + "observations:\n  x: {type: float}\n  y: {type: float}\n  x: {type: float}\n"
+    folder = make_policy_dir(schema, mlp(2, 2), 2)
+    assert f"{folder / 'schema.yaml'}: observations.x: defined twice (lines 3 and 5); fix: " in start_up_line(folder)
