@@ -4,6 +4,7 @@ A bad schema or model file is the user's mistake, not ours: it must stop start-u
 that names the file, the key and the fix, never a traceback.
 """
 
+import re
 from pathlib import Path
 
 
@@ -42,3 +43,13 @@ class PolicyFailure(Exception):
 def first_line(exc: BaseException) -> str:
     """An exception's first line (its type when it says nothing): what a one-line error quotes."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
+
+
+def model_error_line(exc: BaseException) -> str:
+    """What a model's exception says went wrong, in one line. TorchScript's interpreter puts its
+    own traceback first and the original error (`RuntimeError: ...`) after it: quote that."""
+    lines = str(exc).strip().splitlines()
+    return next((line for line in lines[1:] if _ERROR_LINE.match(line)), first_line(exc))

@@ -45,7 +45,7 @@ def load_policy(policy_dir: Path, spec: PolicySpec, device: str = "cpu", cache_d
         format=runtime.format,
         device=runtime.device,
         declared_input_size=runtime.input_size,
-        declared_size_is_exact="torchscript" not in runtime.format,
+        candidate_input_sizes=runtime.candidate_input_sizes,
         sha256=runtime.sha256,
     )
     return build_policy(spec, runtime, info)

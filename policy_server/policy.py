@@ -8,6 +8,7 @@ over the batch (numpy, float64 so probabilities sum to 1 and masked ones are exa
 import enum
 import logging
 import random
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,13 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from policy_server.errors import ConfigError, InputError, PolicyFailure, first_line
+from policy_server.errors import ConfigError, InputError, PolicyFailure, model_error_line
+from policy_server.observations import RowEncoder, example_observation
 from policy_server.schema import ContinuousHead, DiscreteHead, Head, PolicySpec
 
 logger = logging.getLogger("policy_server")
 
 Model = Callable[[np.ndarray], list[np.ndarray]]
 _HUGE = 1e300
+# A model whose file does not declare its input size is tried on zero rows of a few sizes.
+MAX_PROBES = 16
+MAX_PROBED_SIZE = 1 << 20
 # exp() of a log-std above ~709 overflows; a std of e^20 (5e8) already means "anything goes".
 LOG_STD_RANGE = (-20.0, 20.0)
 
@@ -70,7 +75,7 @@ class ModelInfo:
     format: str
     device: str = "cpu"
     declared_input_size: int | None = None  # what the file itself says it takes
-    declared_size_is_exact: bool = True  # False: read off the first layer, a guess
+    candidate_input_sizes: tuple[int, ...] = ()  # when it says nothing: sizes worth trying on it
     sha256: str = ""
 
     @property
@@ -181,7 +186,8 @@ def _all_finite(parameters: list[HeadParameters]) -> bool:
 
 
 def masked_softmax(logits: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """Softmax per row; masked actions get exactly 0. A row with nothing allowed is all 0."""
+    """Softmax per row; masked actions get exactly 0. A row with nothing allowed is all 0; one
+    with a NaN logit allowed stays NaN, a model failure rather than a row with nothing allowed."""
     logits = np.clip(logits, -_HUGE, _HUGE)  # a model's ±inf logit: certainty, not NaN (NaN stays NaN)
     if mask is None:  # every row has a finite peak: no guard needed
         weights = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -191,7 +197,7 @@ def masked_softmax(logits: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     peak = np.where(np.isfinite(peak), peak, 0.0)
     weights = np.exp(logits - peak)
     total = weights.sum(axis=1, keepdims=True)
-    return np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
+    return np.divide(weights, total, out=np.zeros_like(weights), where=total != 0)
 
 
 def sample_discrete(probabilities: np.ndarray, rng: random.Random) -> np.ndarray:
@@ -270,7 +276,7 @@ def describe_head(head: Head) -> dict[str, Any]:
 
 
 def build_policy(spec: PolicySpec, model: Model, info: ModelInfo) -> Policy:
-    """Check the model against the schema (sizes, heads, mask) and read its heads.
+    """Check the model against the schema (sizes, heads, mask, finite outputs) and read its heads.
 
     A mismatch is the user's to fix, so it is a `ConfigError` naming both sizes.
     """
@@ -279,46 +285,111 @@ def build_policy(spec: PolicySpec, model: Model, info: ModelInfo) -> Policy:
     try:
         outputs = model(np.zeros((2, input_size), dtype=np.float32))
     except Exception as exc:
-        reason = first_line(exc)
         raise ConfigError(
             model_path,
             "model",
-            f"fails on a batch of 2 rows of {input_size} values ({reason})",
+            f"fails on a batch of 2 rows of {input_size} values ({model_error_line(exc)})",
             "export it with forward(obs: float32[B, D]) and a dynamic batch dimension",
         ) from None
     heads, slots = _read_heads(spec, [o.shape[1] for o in outputs], model_path)
     mask_columns = _mask_columns(spec, heads)
-    return Policy(model, info, input_size, heads, slots, mask_columns)
+    policy = Policy(model, info, input_size, heads, slots, mask_columns)
+    _refuse_non_finite_outputs(policy, spec)
+    return policy
 
 
 def _input_size(spec: PolicySpec, model: Model, info: ModelInfo) -> int:
+    """The model's input size: the one its file declares, checked against the schema's; else the
+    schema's, if the model runs on it; else the one it runs on, found by trying its candidates."""
     expected, declared = spec.input_size, info.declared_input_size
-    mismatch = expected is not None and declared is not None and expected != declared
-    # A TorchScript size is read off the first layer, a guess: the schema wins if the model takes it.
-    if mismatch and (info.declared_size_is_exact or not _accepts(model, expected)):
-        raise ConfigError(
-            info.path,
-            "model",
-            f"takes {declared} input values but {spec.path.name} describes {expected}",
-            "make the observations add up to the model's input size, or serve the matching model",
-        )
-    size = expected if expected is not None else declared
-    if size is None:
-        raise ConfigError(
-            spec.path,
-            "observations",
-            "the model's input size cannot be read from its file and the schema does not fix it",
-            "give every list equal min_items and max_items",
-        )
-    return size
+    if declared is not None:
+        if expected is not None and expected != declared:
+            raise _size_mismatch(spec, info, [declared])
+        return declared
+    if expected is None:
+        return _the_size_it_runs_on(spec, model, info)
+    failure = _failure_on_a_row(model, expected)
+    if failure is None:
+        return expected
+    accepted = _sizes_it_runs_on(model, [*info.candidate_input_sizes, *_sizes_named_in(failure)], expected)
+    if accepted:
+        raise _size_mismatch(spec, info, accepted)
+    raise ConfigError(
+        info.path,
+        "model",
+        f"fails on a row of {expected} input values, the size {spec.path.name} describes ({failure})",
+        f"make the observations add up to the model's input size, or serve a model that runs on rows of {expected} values",
+    )
 
 
-def _accepts(model: Model, width: int) -> bool:
+def _size_mismatch(spec: PolicySpec, info: ModelInfo, sizes: Sequence[int]) -> ConfigError:
+    return ConfigError(
+        info.path,
+        "model",
+        f"takes {' or '.join(map(str, sizes))} input values but {spec.path.name} describes {spec.input_size}",
+        "make the observations add up to the model's input size, or serve the matching model",
+    )
+
+
+def _the_size_it_runs_on(spec: PolicySpec, model: Model, info: ModelInfo) -> int:
+    accepted = _sizes_it_runs_on(model, info.candidate_input_sizes)
+    if len(accepted) == 1:
+        return accepted[0]
+    runs_on = f" (it runs on rows of {' or '.join(map(str, accepted))} values)" if accepted else ""
+    raise ConfigError(
+        spec.path,
+        "observations",
+        f"the model's input size cannot be read from its file{runs_on} and the schema does not fix it",
+        "give every list equal min_items and max_items, or serve a .pt2, which declares its input size",
+    )
+
+
+def _sizes_it_runs_on(model: Model, candidates: Sequence[int], tried: int | None = None) -> list[int]:
+    """Those of the first few candidates (bar `tried`) that the model runs a zero row of."""
+    untried = [size for size in dict.fromkeys(candidates) if size != tried and 0 < size <= MAX_PROBED_SIZE][:MAX_PROBES]
+    return sorted(size for size in untried if _failure_on_a_row(model, size) is None)
+
+
+def _sizes_named_in(failure: str) -> list[int]:
+    """The numbers of torch's error, e.g. "mat1 and mat2 shapes cannot be multiplied (1x5 and 6x4)":
+    a weight that is neither parameter nor buffer (a TorchScript constant) is named only there."""
+    return [int(number) for number in re.findall(r"\d+", failure)]
+
+
+def _failure_on_a_row(model: Model, size: int) -> str | None:
+    """torch's error line when the model fails on one zero row of `size` values, else None."""
     try:
-        model(np.zeros((1, width), dtype=np.float32))
-    except Exception:
-        return False
-    return True
+        model(np.zeros((1, size), dtype=np.float32))
+    except Exception as exc:  # a model may raise anything; the line is all the user needs
+        return model_error_line(exc)
+    return None
+
+
+def _refuse_non_finite_outputs(policy: Policy, spec: PolicySpec) -> None:
+    """A model of NaN weights passes every other check, then answers 500 to every request: refuse it
+    now, on an all-zero row and on the schema's example observation (the middle of its bounds)."""
+    probes = {"an all-zero input row": np.zeros((1, policy.input_size), dtype=np.float32)}
+    if spec.observations is not None:
+        example = RowEncoder(spec).encode([example_observation(spec)])
+        if example.shape[1] == policy.input_size:  # lists of varying length: the example has 1 item each
+            probes["the schema's example observation"] = example
+    for rows_name, rows in probes.items():
+        try:
+            parameters = policy.parameters(rows)
+        except Exception as exc:
+            raise ConfigError(
+                policy.info.path,
+                "model",
+                f"fails on {rows_name} ({model_error_line(exc)})",
+                "make forward(obs: float32[B, D]) run on any batch of the observations the schema allows",
+            ) from None
+        if not _all_finite(parameters):
+            raise ConfigError(
+                policy.info.path,
+                "model",
+                f"gives NaN or infinite outputs for {rows_name}",
+                "check the model's weights for NaN (a diverged training run?) and export it again",
+            )
 
 
 def _read_heads(spec: PolicySpec, widths: list[int], model_path: str) -> tuple[list[Head], list[OutputSlot]]:

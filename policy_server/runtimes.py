@@ -14,6 +14,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,8 @@ BUNDLE_SCHEMA = "schema.yaml"
 
 @dataclass
 class Runtime:
-    """A loaded model. `input_size` is what the file says it takes (None: the file does not say)."""
+    """A loaded model. `input_size` is what the file says it takes (None: the file does not say);
+    then `candidate_input_sizes` are the sizes worth trying on it (its weights' dimensions)."""
 
     path: Path
     format: str
@@ -41,6 +43,7 @@ class Runtime:
     input_size: int | None
     device: str = "cpu"
     sha256: str = ""  # of the file as served, so /info tells which model answers
+    candidate_input_sizes: tuple[int, ...] = ()
 
     def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
         with torch.inference_mode():
@@ -167,7 +170,7 @@ def _load_bytes(path: Path, suffix: str, data: bytes, device: str = "cpu", cache
     except ConfigError:
         raise
     except Exception as exc:  # torch raises many kinds; the user needs the first line
-        raise ConfigError(path, "model", f"does not load as {suffix} ({first_line(exc)})", _SAVE_HINTS[suffix]) from None
+        raise _load_failure(path, suffix, data, exc) from None
 
 
 _SAVE_HINTS = {
@@ -175,6 +178,41 @@ _SAVE_HINTS = {
     ".pt": "save it with torch.jit.save",
     ".onnx": "export it with torch.onnx.export (or python generate.py export_onnx DIR)",
 }
+_ARCHIVE_KINDS = {
+    ".pt2": "a torch.export program",
+    ".pt": "a TorchScript module",
+    "torch.save": "a torch.save pickle (weights, or a pickled module, without the model's code)",
+}
+
+
+def _load_failure(path: Path, suffix: str, data: bytes, exc: Exception) -> ConfigError:
+    """Why `data` does not load as `suffix`, as plainly as its bytes tell: torch's own message
+    for a file of the other torch format is about a member missing from a "corrupted" archive."""
+    if not data:
+        return ConfigError(path, "model", "is empty (0 bytes)", f"copy the model file again, or {_SAVE_HINTS[suffix]}")
+    kind = _torch_archive_kind(data)
+    if kind in (".pt2", ".pt") and kind != suffix:
+        return ConfigError(path, "model", f"is {_ARCHIVE_KINDS[kind]}, not a {suffix} file", f"give it the suffix {kind}")
+    if kind == "torch.save":
+        return ConfigError(
+            path, "model", f"is {_ARCHIVE_KINDS[kind]}", "save the whole model with torch.export.save (.pt2) or torch.jit.save (.pt)"
+        )
+    return ConfigError(path, "model", f"does not load as {suffix} ({first_line(exc)})", _SAVE_HINTS[suffix])
+
+
+def _torch_archive_kind(data: bytes) -> str | None:
+    """Which torch writer made this zip, told by its members (under one top folder): '.pt2',
+    '.pt', 'torch.save', or None (not a zip, or none of them)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = {name.split("/", 1)[-1] for name in archive.namelist()}
+    except zipfile.BadZipFile:
+        return None
+    if "archive_format" in members:
+        return ".pt2"
+    if "constants.pkl" in members and any(name.startswith("code/") for name in members):
+        return ".pt"
+    return "torch.save" if "data.pkl" in members else None
 
 
 def _load_torchscript(path: Path, data: bytes, device: str = "cpu") -> Runtime:
@@ -182,14 +220,16 @@ def _load_torchscript(path: Path, data: bytes, device: str = "cpu") -> Runtime:
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=Warning)
         module = torch.jit.load(io.BytesIO(data), map_location=device)
     module.eval()
-    return Runtime(path=path, format="torchscript", forward=module, input_size=_first_layer_width(module), device=device)
+    return Runtime(
+        path=path, format="torchscript", forward=module, input_size=None, device=device, candidate_input_sizes=_weight_dimensions(module)
+    )
 
 
-def _first_layer_width(module: torch.nn.Module) -> int | None:
-    """A TorchScript file does not declare its input size; an MLP's first weight [out, in] does."""
-    for parameter in module.parameters():
-        return int(parameter.shape[1]) if parameter.dim() == 2 else None
-    return None
+def _weight_dimensions(module: torch.nn.Module) -> tuple[int, ...]:
+    """Every dimension of the weights and buffers, first seen first: a TorchScript file does not
+    declare its input size, and the input is multiplied with, or shaped like, one of them."""
+    tensors = chain(module.parameters(), module.buffers())
+    return tuple(dict.fromkeys(int(size) for tensor in tensors for size in tensor.shape if size > 0))
 
 
 def _load_exported(path: Path, data: bytes, device: str = "cpu", cache: TraceCache | None = None) -> Runtime:
@@ -197,13 +237,43 @@ def _load_exported(path: Path, data: bytes, device: str = "cpu", cache: TraceCac
     if cached is not None:
         module, width = cached
         return Runtime(path=path, format="torch.export", forward=module, input_size=width, device=device)
-    program = torch.export.load(io.BytesIO(data))
+    program = _export_load(path, data)
     if device != "cpu":
         program = move_to_device_pass(program, device)
     forward, width = _exported_forward(program), _exported_width(program)
     if cache is not None and width is not None and isinstance(forward, torch.jit.ScriptModule):
         cache.save(forward, width)
     return Runtime(path=path, format="torch.export", forward=forward, input_size=width, device=device)
+
+
+class _KeptRecords(logging.Handler):
+    """Keeps the records it is given, off the console."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _export_load(path: Path, data: bytes) -> torch.export.ExportedProgram:
+    """torch.export.load, quiet: on a file it cannot read it logs the error with its traceback to
+    the console, then raises a vaguer one ("check the warnings above"). The logged error is raised
+    instead, for the one-line message; what it logs on a file that loads is logged here in one line."""
+    export_logger = logging.getLogger("torch.export")
+    kept = _KeptRecords()
+    handlers, export_logger.handlers = export_logger.handlers, [kept]
+    try:
+        program = torch.export.load(io.BytesIO(data))
+    except Exception as exc:
+        logged = [record.exc_info[1] for record in kept.records if record.exc_info and record.exc_info[1] is not None]
+        raise (logged[0] if logged and "warnings above" in str(exc) else exc) from None
+    finally:
+        export_logger.handlers = handlers
+    for record in kept.records:
+        logger.warning("%s: torch.export says: %s", path.name, record.getMessage())
+    return program
 
 
 def _exported_width(program: torch.export.ExportedProgram) -> int | None:

@@ -199,7 +199,9 @@ def parse_spec(data: bytes, path: Path) -> PolicySpec:
 
 def _read_yaml(text: str, path: Path) -> dict[str, Any]:
     try:
-        documents = [doc for doc in yaml.safe_load_all(_quote_list_types(text)) if doc is not None]
+        documents = [doc for doc in yaml.load_all(_quote_list_types(text), Loader=_SchemaLoader) if doc is not None]
+    except _RefusedYaml as refused:
+        raise ConfigError(path, refused.key, refused.problem, refused.fix) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "somewhere"
@@ -208,6 +210,94 @@ def _read_yaml(text: str, path: Path) -> dict[str, Any]:
     if len(documents) != 1 or not isinstance(documents[0], dict):
         raise ConfigError(path, "yaml", "must hold one mapping with a 'parameters' key", "see examples/mouse_and_cheese/schema.yaml")
     return documents[0]
+
+
+# Far beyond any real schema (the largest here has ~110 nodes and 5 levels), far below
+# what hangs: a "billion laughs" of 1 KB (aliases of aliases of ...) expands to ~10^9 nodes.
+MAX_YAML_NODES = 10_000
+MAX_YAML_DEPTH = 32
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _RefusedYaml(Exception):
+    """Valid YAML the schema reader does not take: the `ConfigError`'s key, problem and fix."""
+
+    def __init__(self, key: str, problem: str, fix: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem, self.fix = key, problem, fix
+
+
+def _too_deep(where: str) -> _RefusedYaml:
+    return _RefusedYaml("yaml", f"nested deeper than {MAX_YAML_DEPTH} levels {where}", "no schema needs that: flatten it")
+
+
+class _SchemaLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, refusing what would hang start-up or silently change the schema: nesting
+    deeper than MAX_YAML_DEPTH (the composer recurses), aliases that expand the document beyond
+    MAX_YAML_NODES or MAX_YAML_DEPTH, and a key given twice in one mapping (YAML keeps the last
+    one without a word)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _too_deep(f"at line {self.peek_event().start_mark.line + 1}")
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        finally:
+            self._depth -= 1
+
+    def compose_document(self) -> yaml.Node | None:
+        document = super().compose_document()
+        if document is not None:
+            _expanded_shape(document, 1, {})
+            self._refuse_repeated_keys(document, "")
+        return document
+
+    def _refuse_repeated_keys(self, node: yaml.Node, where: str) -> None:
+        if isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._refuse_repeated_keys(item, f"{where}[{index}]")
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                    continue  # a merge ('<<: *defaults') is meant to be overridden
+                key = self.construct_object(key_node)
+                name = f"{where}.{key}" if where else str(key)
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    raise _RefusedYaml(name, f"defined twice (lines {lines[key]} and {line})", "remove or rename one of them")
+                lines[key] = line
+                self._refuse_repeated_keys(value_node, name)
+
+
+def _expanded_shape(node: yaml.Node, depth: int, shapes: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(nodes, levels) of `node` once every alias is replaced by a copy of its anchor, as found at
+    `depth`; measured once per node, so in time linear in the text, and refused beyond the limits
+    (an alias inside its own anchor is endlessly deep)."""
+    if depth > MAX_YAML_DEPTH:
+        raise _too_deep("once its aliases (*name) are expanded")
+    if id(node) not in shapes:
+        if isinstance(node, yaml.ScalarNode):
+            shapes[id(node)] = (1, 1)
+        else:
+            children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+            measured = [_expanded_shape(child, depth + 1, shapes) for child in children]
+            shapes[id(node)] = (1 + sum(size for size, _ in measured), 1 + max((levels for _, levels in measured), default=0))
+    size, levels = shapes[id(node)]
+    if size > MAX_YAML_NODES:
+        raise _RefusedYaml(
+            "yaml",
+            f"its aliases (*name) expand it beyond {MAX_YAML_NODES} values",
+            "write the schema out without nesting aliases in aliases",
+        )
+    if depth - 1 + levels > MAX_YAML_DEPTH:
+        raise _too_deep("once its aliases (*name) are expanded")
+    return size, levels
 
 
 def _quote_list_types(text: str) -> str:

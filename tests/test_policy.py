@@ -107,6 +107,35 @@ def test_extreme_logits_stay_finite() -> None:
     assert abs(probabilities[1].sum() - 1.0) < 1e-12 and probabilities[1][0] == probabilities[1][1]
 
 
+def test_a_nan_logit_of_an_allowed_action_stays_nan_under_a_mask() -> None:
+    logits = np.array([[np.nan, 1.0, 2.0], [np.nan, 1.0, 2.0], [np.nan, 1.0, 2.0]])
+    mask = np.array([[True, True, False], [False, True, True], [False, False, False]])
+    probabilities = masked_softmax(logits, mask)
+    assert np.isnan(probabilities[0]).all()  # a model failure, not "nothing allowed"
+    np.testing.assert_allclose(probabilities[1], special.softmax([-np.inf, 1.0, 2.0]))  # the NaN is masked out
+    assert (probabilities[2] == 0).all()  # nothing allowed
+
+
+class NaNAbove100(torch.nn.Module):
+    """Logits NaN once the last observation exceeds 100: finite at start-up, NaN for such a request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(5, 4)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.linear(obs) + torch.where(obs[:, 4:] > 100.0, float("nan"), 0.0)
+
+
+def test_nan_logits_under_a_mask_answer_500_not_no_allowed_action(make_policy_dir: MakePolicyDir, serve: Serve) -> None:
+    client = serve(make_policy_dir(MASKED, NaNAbove100(), 5))
+    body = {"actionMask": [True, True, False, True], "x": 1000.0}
+    response = client.post("/predict", json=body, headers=AUTH)
+    assert response.status_code == 500, response.text
+    assert "error id" in response.json()["detail"]
+    assert post(client, "/predict", body | {"x": 1.0})["actions"][0] in (0, 1, 3)
+
+
 def strict_json(text: str) -> Any:
     """Parse as strict JSON (RFC 8259): NaN and Infinity are not JSON, and most clients refuse them."""
 
@@ -472,6 +501,138 @@ def test_width_mismatch_stops_start_up_naming_both_sizes(make_policy_dir: MakePo
     assert re.search(r"\b24\b", info.value.problem) and re.search(r"\b6\b", info.value.problem), message
     assert str(folder / "models" / model_name) in message
     assert "fix: " in message
+
+
+class TimesWeight(torch.nn.Module):
+    """obs @ w with w [in, out]: its first parameter is not the [out, in] of a Linear."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.w = torch.nn.Parameter(torch.randn(inputs, outputs))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs @ self.w
+
+
+class TimesConstant(torch.nn.Module):
+    """obs @ w with w a plain tensor attribute: TorchScript keeps it, neither parameter nor buffer."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.w = torch.ones(inputs, outputs)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs @ self.w
+
+
+class ScaledFirst(torch.nn.Module):
+    """obs * scale [6], then Linear(6, 3) and Linear(3, 1): runs on rows of 6 values, and of 1 (broadcast)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.full((6,), 0.5))
+        self.body = torch.nn.Linear(6, 3)
+        self.out = torch.nn.Linear(3, 1)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.out(self.body(obs * self.scale)), torch.zeros(obs.shape[0], 1)], dim=1)
+
+
+class AlwaysFails(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 4)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        if obs.shape[0] > 0:
+            raise RuntimeError("this model refuses every row")
+        return self.linear(obs)
+
+
+def observations_schema(count: int) -> str:
+    return KEY + "observations:\n" + "".join(f"  x{i}: {{type: float}}\n" for i in range(count))
+
+
+def start_up_error(folder: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        policy_of(folder)
+    assert "\n" not in str(info.value) and "fix: " in str(info.value)
+    return info.value
+
+
+@pytest.mark.parametrize("module", [TimesWeight(6, 4), torch.nn.Linear(6, 4)], ids=["x-times-w", "linear"])
+def test_a_torchscript_model_of_the_schemas_size_starts(make_policy_dir: MakePolicyDir, module: torch.nn.Module) -> None:
+    policy = policy_of(make_policy_dir(observations_schema(6), module, 6, "model.pt"))
+    assert policy.input_size == 6
+    decided = policy.run([Task(np.ones((2, 6), dtype=np.float32), Kind.DETERMINISTIC)])[0]
+    assert isinstance(decided, Decisions) and len(decided.actions) == 2
+
+
+@pytest.mark.parametrize("module", [TimesWeight(6, 4), TimesConstant(6, 4)], ids=["parameter", "constant"])
+def test_a_torchscript_model_of_another_size_is_told_by_its_true_size(make_policy_dir: MakePolicyDir, module: torch.nn.Module) -> None:
+    folder = make_policy_dir(observations_schema(5), module, 6, "model.pt")
+    error = start_up_error(folder)
+    assert error.path == str(folder / "models" / "model.pt") and error.key == "model"
+    assert error.problem == "takes 6 input values but schema.yaml describes 5"
+
+
+def test_a_model_that_runs_on_several_sizes_is_told_by_all_of_them(make_policy_dir: MakePolicyDir) -> None:
+    error = start_up_error(make_policy_dir(observations_schema(5), ScaledFirst(), 6, "model.pt"))
+    assert error.problem == "takes 1 or 6 input values but schema.yaml describes 5"
+    variable = KEY + "observations:\n  x: {type: 'List[float]'}\n"
+    error = start_up_error(make_policy_dir(variable, ScaledFirst(), 6, "model.pt"))
+    assert error.key == "observations" and "it runs on rows of 1 or 6 values" in error.problem
+
+
+def test_a_model_that_fails_on_the_schemas_size_quotes_torch(make_policy_dir: MakePolicyDir) -> None:
+    error = start_up_error(make_policy_dir(observations_schema(6), AlwaysFails(), 6, "model.pt"))
+    assert error.problem.startswith("fails on a row of 6 input values, the size schema.yaml describes (")
+    assert "this model refuses every row" in error.problem
+    assert "TorchScript interpreter" not in error.problem  # its preamble, not the error
+
+
+def test_a_torchscript_models_size_is_found_when_the_schema_does_not_fix_it(make_policy_dir: MakePolicyDir) -> None:
+    variable = KEY + "observations:\n  x: {type: 'List[float]'}\n"
+    policy = policy_of(make_policy_dir(variable, TimesWeight(5, 3), 5, "model.pt"))
+    assert policy.input_size == 5
+
+
+def nan_weights(module: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.fill_(float("nan"))
+    return module
+
+
+class NaNOffZero(torch.nn.Module):
+    """sqrt(-obs): finite on a zero row, NaN once an observation is positive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 4)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.sqrt(-obs))
+
+
+@pytest.mark.parametrize("model_name", ["model.pt2", "model.pt"])
+def test_a_model_of_nan_outputs_stops_start_up(make_policy_dir: MakePolicyDir, model_name: str) -> None:
+    folder = make_policy_dir(MOUSE_SCHEMA, nan_weights(mlp(6, 4)), 6, model_name)
+    error = start_up_error(folder)
+    assert error.path == str(folder / "models" / model_name) and error.key == "model"
+    assert error.problem == "gives NaN or infinite outputs for an all-zero input row"
+
+
+def test_a_model_of_nan_outputs_for_the_example_observation_stops_start_up(make_policy_dir: MakePolicyDir) -> None:
+    error = start_up_error(make_policy_dir(MOUSE_SCHEMA, NaNOffZero(), 6))  # the example: mouse_row 2 (bounds 0..4)
+    assert error.problem == "gives NaN or infinite outputs for the schema's example observation"
+
+
+def test_nan_logits_of_masked_actions_are_found_on_the_example(make_policy_dir: MakePolicyDir) -> None:
+    """A zero row masks every action (so hides NaN logits); the example observation allows them all."""
+    error = start_up_error(make_policy_dir(MASKED, nan_weights(mlp(5, 4)), 5))
+    assert error.problem == "gives NaN or infinite outputs for the schema's example observation"
 
 
 def test_mask_length_differs_from_the_models_actions(make_policy_dir: MakePolicyDir) -> None:

@@ -204,7 +204,8 @@ def test_input_size_is_read_from_the_file(tmp_path: Path, width: int) -> None:
     assert exported.input_size == width
     assert "export" in exported.format
     scripted = load_runtime(save_model(mlp(width, 3), tmp_path / "model.pt", width))
-    assert scripted.input_size == width
+    assert scripted.input_size is None  # TorchScript does not say: the size is found by running it
+    assert width in scripted.candidate_input_sizes
     assert "torchscript" in scripted.format
 
 
@@ -234,7 +235,7 @@ def test_bundle_loads_the_model_inside(tmp_path: Path, inner: str) -> None:
     path = bundle(tmp_path / "models" / "saved_model.zip", {inner: model_bytes(tmp_path, Path(inner).suffix, module, 6)})
     runtime = load_runtime(path)
     assert runtime.path == path and runtime.format.startswith("bundle/")
-    assert runtime.input_size == 6
+    assert runtime.input_size == (6 if inner.endswith(".pt2") else None)  # TorchScript does not say
     rows = rows_of(5, 6)
     assert_same(runtime(rows), eager_outputs(module, rows))
 
@@ -345,10 +346,30 @@ def test_corrupt_model_files_are_one_line(tmp_path: Path, case: str) -> None:
     assert error.key == "model"
 
 
-def test_pt2_that_is_really_torchscript(tmp_path: Path) -> None:
-    scripted = save_model(mlp(6, 4), tmp_path / "m.pt", 6).read_bytes()
-    folder = folder_with(tmp_path, {"models/model.pt2": scripted})
-    assert_one_line(load_fails(folder), folder / "models" / "model.pt2")
+def state_dict_bytes() -> bytes:
+    buffer = io.BytesIO()
+    torch.save(mlp(6, 4).state_dict(), buffer)
+    return buffer.getvalue()
+
+
+MISNAMED = {
+    "torchscript-as-pt2": ("model.pt2", ".pt", "is a TorchScript module, not a .pt2 file", "give it the suffix .pt"),
+    "pt2-as-pt": ("model.pt", ".pt2", "is a torch.export program, not a .pt file", "give it the suffix .pt2"),
+    "state-dict-as-pt2": ("model.pt2", "state_dict", "is a torch.save pickle", "torch.export.save"),
+    "state-dict-as-pt": ("model.pt", "state_dict", "is a torch.save pickle", "torch.jit.save"),
+    "empty-pt2": ("model.pt2", "empty", "is empty (0 bytes)", "torch.export.save"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISNAMED))
+def test_a_model_file_of_another_kind_is_named_for_what_it_is(tmp_path: Path, case: str) -> None:
+    name, content, problem, fix = MISNAMED[case]
+    special = {"empty": b"", "state_dict": state_dict_bytes()}
+    data = special[content] if content in special else model_bytes(tmp_path, content, mlp(6, 4), 6)
+    folder = folder_with(tmp_path, {f"models/{name}": data})
+    error = load_fails(folder)
+    assert_one_line(error, folder / "models" / name)
+    assert error.problem.startswith(problem) and fix in error.fix, str(error)
 
 
 def test_zip_with_two_models(tmp_path: Path) -> None:

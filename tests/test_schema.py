@@ -516,6 +516,74 @@ def test_pathmind_style_documents_and_capitalised_booleans(tmp_path: Path) -> No
     assert spec.observations is not None and spec.observations[0].kind == "int"
 
 
+def billion_laughs(levels: int = 9) -> str:
+    """A schema whose name is 9 aliases of 9 aliases of ... of 9 words: ~600 bytes, 9^9 words."""
+    anchors = ["&l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    anchors += [f"&l{level} [{', '.join([f'*l{level - 1}'] * 9)}]" for level in range(1, levels)]
+    return PARAMS + "observations:\n  x: {type: float}\nname: [" + ", ".join(anchors) + "]\n"
+
+
+@pytest.mark.timeout(30)
+def test_an_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    path = write(tmp_path, billion_laughs())
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    message = assert_one_line_error(info.value, path, "yaml")
+    assert "aliases" in message
+
+
+@pytest.mark.timeout(30)
+def test_an_alias_inside_its_own_anchor_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, PARAMS + "name: &loop [*loop]\n")
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    assert_one_line_error(info.value, path, "yaml")
+
+
+def test_aliases_and_merges_of_a_schemas_size_still_load(tmp_path: Path) -> None:
+    spec = spec_of(
+        tmp_path,
+        PARAMS + "observations:\n  x: &unit {type: float, minimum: 0, maximum: 1}\n  y: *unit\n  z: {<<: *unit, maximum: 5}\n",
+    )
+    assert spec.observations is not None
+    assert [(o.name, o.minimum, o.maximum) for o in spec.observations] == [("x", 0, 1), ("y", 0, 1), ("z", 0, 5)]
+
+
+def deep_through_aliases(anchors: int = 300) -> str:
+    """Each anchor 20 levels below the one before: shallow as written, 6000 levels once expanded."""
+    nested = [f"&c{i} {'[' * 20}*c{i - 1}{']' * 20}" for i in range(1, anchors)]
+    return PARAMS + "name: [" + ", ".join(["&c0 [x]", *nested]) + "]\n"
+
+
+DEEP = {"brackets": PARAMS + "name: " + "[" * 5000 + "]" * 5000 + "\n", "aliases": deep_through_aliases()}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", sorted(DEEP))
+def test_nesting_deeper_than_any_schema_is_one_line(tmp_path: Path, case: str) -> None:
+    path = write(tmp_path, DEEP[case])
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    assert_one_line_error(info.value, path, "yaml")
+
+
+REPEATED_KEYS = [
+    ("observation", PARAMS + "observations:\n  x: {type: float}\n  y: {type: int}\n  x: {type: bool}\n", "observations.x", 5, 7),
+    ("parameter", PARAMS + "  discrete: false\n", "parameters.discrete", 2, 4),
+    ("section", PARAMS + "observations:\n  x: {type: float}\nparameters: {discrete: false}\n", "parameters", 1, 6),
+    ("head-key", PARAMS + "actions:\n  - {name: a, n: 2}\n  - {name: b, n: 2, n: 3}\n", "actions[1].n", 6, 6),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "first", "second"), [c[1:] for c in REPEATED_KEYS], ids=[c[0] for c in REPEATED_KEYS])
+def test_a_key_given_twice_is_named(tmp_path: Path, text: str, key: str, first: int, second: int) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_spec(path)
+    assert_one_line_error(info.value, path, key)
+    assert info.value.problem == f"defined twice (lines {first} and {second})"
+
+
 # --- observations → rows ------------------------------------------------------------------------
 
 ENCODER_OBSERVATIONS = """\
