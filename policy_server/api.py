@@ -32,7 +32,7 @@ from policy_server.auth import SECURITY_REQUIREMENT, SECURITY_SCHEMES, KeyGate, 
 from policy_server.clients import LANGUAGES, ClientSDKError, ClientSDKs, SDKsNotReady, UnknownLanguage
 from policy_server.docs import add_offline_docs
 from policy_server.drain import Drain, DrainMiddleware
-from policy_server.errors import InputError, PolicyFailure
+from policy_server.errors import ConfigError, InputError, PolicyFailure
 from policy_server.executors import Executor
 from policy_server.fast_lane import FastLane, FastRoute
 from policy_server.json_io import OrjsonRoute, json_response
@@ -212,7 +212,11 @@ def _shut_down_if_failed(starting: "asyncio.Task[None]") -> None:
     """A start in the background failed: log why and stop the server, as a failed start-up would."""
     if starting.cancelled() or starting.exception() is None:
         return
-    logger.error("policy-server: cannot start: %s", starting.exception(), exc_info=starting.exception())
+    error = starting.exception()
+    if isinstance(error, ConfigError):  # the user's mistake: the one line, no traceback
+        logger.error("policy-server: cannot start: %s", error)
+    else:
+        logger.error("policy-server: cannot start: %s", error, exc_info=error)
     signal.raise_signal(signal.SIGTERM)  # uvicorn shuts down gracefully: the executor releases what it started
 
 
