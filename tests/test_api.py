@@ -713,7 +713,8 @@ def test_openapi_shows_fields_types_bounds_and_descriptions(prefixed: TestClient
     assert row["type"] == "number" and row["minimum"] == 0 and row["maximum"] == 4
     assert row["description"] == "row of the mouse"
     assert row["examples"] and 0 <= row["examples"][0] <= 4
-    assert "minimum" not in properties["cheese_row"]
+    float32_max = float(np.finfo(np.float32).max)  # unbounded: what the server takes, float32's range
+    assert (properties["cheese_row"]["minimum"], properties["cheese_row"]["maximum"]) == (-float32_max, float32_max)
     example = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["example"]
     assert set(example) == set(MOUSE_OBSERVATION)
     assert spec["info"]["title"] and "access-token" in spec["info"]["description"]
@@ -731,6 +732,50 @@ def test_openapi_shows_list_lengths_and_item_types(lists: TestClient) -> None:
     assert "mask" in mask["description"].lower()
     count = properties["count"]
     assert count["type"] == "integer" and count["minimum"] == 0 and count["maximum"] == 10
+
+
+def _raw_vector_schema(client: TestClient) -> dict[str, Any]:
+    spec = client.get("/openapi.json").json()
+    return dict(_request_schema(spec, "/predict_raw")["properties"]["obs"])
+
+
+def test_openapi_declares_the_raw_vector_length_from_the_schema(prefixed: TestClient) -> None:
+    obs = _raw_vector_schema(prefixed)
+    assert obs["minItems"] == obs["maxItems"] == 6
+    assert obs["items"]["type"] == "number"
+    valid = prefixed.post("/predict_raw", json={"obs": [0.5] * 6}, headers=AUTH)
+    assert valid.status_code == 200, valid.text
+    for length in (1, 5, 7):
+        errors = _validation_errors(prefixed.post("/predict_raw", json={"obs": [0.5] * length}, headers=AUTH))
+        assert errors[0]["loc"] == ["body", "obs"], errors
+
+
+def test_openapi_declares_the_raw_vector_length_from_the_model(serve: Callable[..., TestClient], make_policy_dir: MakePolicyDir) -> None:
+    """No observations in the schema: the length is the model's (local backend, known before start)."""
+    client = serve(make_policy_dir(MOUSE_SCHEMA.split("observations:")[0], mlp(5, 4), 5))
+    obs = _raw_vector_schema(client)
+    assert obs["minItems"] == obs["maxItems"] == 5
+
+
+def test_openapi_declares_where_the_raw_vector_holds_the_mask(lists: TestClient) -> None:
+    """features (3), actionMask (4), count: one of columns 3 to 6 must allow an action."""
+    obs = _raw_vector_schema(lists)
+    allowed = [alternative["prefixItems"] for alternative in obs["anyOf"]]
+    assert [len(items) - 1 for items in allowed] == [3, 4, 5, 6]
+    assert all(items[-1]["exclusiveMinimum"] > 0.5 and items[:-1] == [{}] * (len(items) - 1) for items in allowed)
+    mask = _request_schema(lists.get("/openapi.json").json(), "/predict")["properties"]["actionMask"]
+    assert [alternative["prefixItems"][-1] for alternative in mask["anyOf"]] == [{"const": True}] * 4
+
+
+def test_openapi_shows_the_range_the_server_takes(lists: TestClient) -> None:
+    """Unbounded: float32's range for floats, ±(2**53 - 1) for ints; refused just past it."""
+    features = _request_schema(lists.get("/openapi.json").json(), "/predict")["properties"]["features"]["items"]
+    float32_max = float(np.finfo(np.float32).max)
+    assert (features["minimum"], features["maximum"]) == (-float32_max, float32_max)
+    past = float(np.nextafter(float32_max, math.inf))
+    errors = _validation_errors(lists.post("/predict", json={**LISTS_OBSERVATION, "features": [0.1, past, 0.3]}, headers=AUTH))
+    assert errors[0]["type"] == "out_of_range"
+    assert lists.post("/predict", json={**LISTS_OBSERVATION, "features": [0.1, float32_max, 0.3]}, headers=AUTH).status_code == 200
 
 
 def test_openapi_operations_and_security(prefixed: TestClient) -> None:
