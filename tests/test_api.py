@@ -11,11 +11,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from conftest import API_KEY, AUTH, MOUSE_OBSERVATION, MOUSE_SCHEMA, FixedLogits, MakePolicyDir, mlp, save_model, settings_for
 from fastapi.testclient import TestClient
+from servers import REPO, Server, free_port, running_server, uvicorn_command
 
 from policy_server.api import create_app
 from policy_server.errors import ConfigError
@@ -539,6 +541,34 @@ def test_422_for_a_body_that_is_not_utf8(prefixed: TestClient, body: bytes) -> N
     """Not JSON text at all: still FastAPI's 422 list (400 is not among the documented answers)."""
     for path in ("/predict", "/predict_raw", "/predict_batch"):
         _validation_errors(prefixed.post(path, content=body, headers={**AUTH, "content-type": "application/json"}))
+
+
+@pytest.fixture(scope="module")
+def mouse_server() -> Iterator[Server]:
+    """`uvicorn app:app` serving examples/mouse_and_cheese."""
+    port = free_port()
+    with running_server(uvicorn_command(port), port, cwd=REPO / "examples" / "mouse_and_cheese") as server:
+        yield server
+
+
+DEEP = 100_000
+UNPARSABLE = {
+    "a 5,000-digit integer": ("digits", b'{"obs": [1, 2, 0, 1, 1, 1' + b"0" * 4999 + b"]}"),
+    "100k-deep nesting": ("nested", b'{"obs": ' + b"[" * DEEP + b"]" * DEEP + b"}"),
+}
+
+
+@pytest.mark.parametrize("lane", ["fast lane", "FastAPI"])
+@pytest.mark.parametrize("path", ["/predict", "/predict_raw", "/predict_batch"])
+@pytest.mark.parametrize("case", list(UNPARSABLE))
+def test_422_for_json_too_large_to_parse(mouse_server: Server, case: str, path: str, lane: str) -> None:
+    """What the parsers refuse (an integer of over 4,300 digits, nesting past the recursion limit)
+    is FastAPI's 422 list saying what is wrong, not a 400. `?via=fastapi` keeps it off the fast lane."""
+    word, body = UNPARSABLE[case]
+    query = "?seed=1" if lane == "fast lane" else "?seed=1&via=fastapi"
+    response = httpx.post(f"{mouse_server.url}{path}{query}", content=body, headers={**AUTH, "content-type": "application/json"})
+    errors = _validation_errors(response)
+    assert errors[0]["loc"] == ["body"] and word in errors[0]["msg"], errors
 
 
 CONTINUOUS_SCHEMA = """\
