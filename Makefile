@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test bench lint format
+.PHONY: install serve test bench lint format fuzz
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ bench: install
 	$(PY) -m pip install --quiet -r requirements-bench.txt
 	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install -y wrk"; exit 1; }
 	$(PY) bench/run.py
+
+# schemathesis, every check on, against real servers of the examples (and two test policies), at
+# the full count; the suite runs the same with fewer cases. Prints cases, failures and time of each.
+fuzz: install
+	FUZZ_MAX_EXAMPLES=100 $(PY) -m pytest tests/test_schemathesis.py -k fuzz -s -q -p no:logging
 
 lint: install
 	$(VENV)/bin/ruff check .
