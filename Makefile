@@ -31,7 +31,7 @@ bench: install
 # schemathesis, every check on, against real servers of the examples (and two test policies), at
 # the full count; the suite runs the same with fewer cases. Prints cases, failures and time of each.
 fuzz: install
-	FUZZ_MAX_EXAMPLES=100 $(PY) -m pytest tests/test_schemathesis.py -k fuzz -s -q -p no:logging
+	FUZZ_MAX_EXAMPLES=100 $(PY) -m pytest tests/test_schemathesis.py -k fuzz -s -q
 
 lint: install
 	$(VENV)/bin/ruff check .
