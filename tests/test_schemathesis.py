@@ -50,19 +50,8 @@ actions:
 """
 EVERY_TYPE_INPUT_SIZE = 13
 
-TUPLE_MASK_SCHEMA = """\
-parameters:
-  discrete: true
-  tuple: true
-  api_key: "1234567asdfgh"
-observations:
-  actionMask: {type: List[bool], min_items: 5, max_items: 5, description: "allowed actions of both heads"}
-  features: {type: List[float], min_items: 3, max_items: 3}
-  step: {type: int, minimum: 0, maximum: 1000}
-actions:
-  - {name: move, n: 2, labels: [left, right]}
-  - {name: speed, n: 3}
-"""
+EVERY_TYPE_REST = {"features": [0.5, -1.0, 2.0], "step": 3, "flags": [1, -2], "velocity": 0.25, "ready": True}
+EVERY_TYPE_REST_ROW = [0.5, -1.0, 2.0, 3.0, 1.0, -2.0, 0.25, 1.0]  # the same, as the raw vector's end
 
 
 @dataclass(frozen=True)
@@ -149,20 +138,24 @@ def _body_schema(spec: dict[str, Any], path: str) -> dict[str, Any]:
     return resolved
 
 
+def _every_type_policy(serve: Callable[..., TestClient], make_policy_dir: MakePolicyDir) -> TestClient:
+    return serve(make_policy_dir(EVERY_TYPE_SCHEMA, TupleOutputs(EVERY_TYPE_INPUT_SIZE, [2, 3]), EVERY_TYPE_INPUT_SIZE))
+
+
 def _spec_accepts(schema: dict[str, Any], body: Any) -> bool:
     return jsonschema.Draft202012Validator(schema).is_valid(body)
 
 
-def test_the_spec_and_the_server_agree_on_every_mask(serve: Callable[..., Any], make_policy_dir: MakePolicyDir) -> None:
+def test_the_spec_and_the_server_agree_on_every_mask(serve: Callable[..., TestClient], make_policy_dir: MakePolicyDir) -> None:
     """All 32 masks: the spec accepts a mask exactly when the server answers it (422 when a head has
     no allowed action), on every route and in the raw vector; masked actions are never chosen."""
-    client: TestClient = serve(make_policy_dir(TUPLE_MASK_SCHEMA, TupleOutputs(9, [2, 3]), 9))
+    client = _every_type_policy(serve, make_policy_dir)
     spec = client.get("/openapi.json").json()
     observation_schema, raw_schema = _body_schema(spec, "/predict"), _body_schema(spec, "/predict_raw")
     for bits in itertools.product([False, True], repeat=5):
         mask = list(bits)
         blocked = not any(mask[:2]) or not any(mask[2:])
-        body = {"actionMask": mask, "features": [0.5, -1.0, 2.0], "step": 3}
+        body = {"actionMask": mask, **EVERY_TYPE_REST}
         assert _spec_accepts(observation_schema, body) is not blocked, mask
         for path in ("/predict", "/predict_deterministic", "/distribution"):
             response = client.post(path, json=body, headers=AUTH)
@@ -176,20 +169,22 @@ def test_the_spec_and_the_server_agree_on_every_mask(serve: Callable[..., Any], 
             else:
                 move, speed = response.json()["actions"]
                 assert mask[move] and mask[2 + speed]
-        raw = {"obs": [float(b) for b in mask] + [0.5, -1.0, 2.0, 3.0]}
+        raw = {"obs": [float(b) for b in mask] + EVERY_TYPE_REST_ROW}
         assert _spec_accepts(raw_schema, raw) is not blocked, mask
         response = client.post("/predict_raw", json=raw, headers=AUTH)
         assert response.status_code == (422 if blocked else 200), (mask, response.text)
 
 
-def test_the_spec_and_the_server_agree_where_a_raw_mask_entry_allows(serve: Callable[..., Any], make_policy_dir: MakePolicyDir) -> None:
+def test_the_spec_and_the_server_agree_where_a_raw_mask_entry_allows(
+    serve: Callable[..., TestClient], make_policy_dir: MakePolicyDir
+) -> None:
     """The server allows an action whose entry, as float32, is above 0.5: the spec's bound is the
     float64 number where that starts, not 0.5 itself (0.5000000000000001 is 0.5 in float32)."""
-    client: TestClient = serve(make_policy_dir(TUPLE_MASK_SCHEMA, TupleOutputs(9, [2, 3]), 9))
+    client = _every_type_policy(serve, make_policy_dir)
     raw_schema = _body_schema(client.get("/openapi.json").json(), "/predict_raw")
     bound = raw_schema["$defs"]["RawObservation"]["properties"]["obs"]["allOf"][0]["anyOf"][0]["prefixItems"][0]["exclusiveMinimum"]
     for entry in (0.5, float(np.nextafter(0.5, 1.0)), bound, float(np.nextafter(bound, 1.0)), 0.75):
-        raw = {"obs": [entry, 0.0, 1.0, 1.0, 1.0, 0.5, -1.0, 2.0, 3.0]}
+        raw = {"obs": [entry, 0.0, 1.0, 1.0, 1.0, *EVERY_TYPE_REST_ROW]}
         allowed = client.post("/predict_raw", json=raw, headers=AUTH).status_code == 200
         assert _spec_accepts(raw_schema, raw) is allowed, entry
         assert allowed is bool(np.float32(entry) > 0.5), entry
