@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test bench soak lint format
+.PHONY: install serve test bench soak fuzz lint format
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,11 @@ bench: install
 soak: install
 	@command -v wrk >/dev/null || { echo "soak needs wrk: apt-get install -y wrk"; exit 1; }
 	$(PY) bench/soak.py
+
+# schemathesis, every check on, against real servers of the examples (and two test policies), at
+# the full count; the suite runs the same with fewer cases. Prints cases, failures and time of each.
+fuzz: install
+	FUZZ_MAX_EXAMPLES=100 $(PY) -m pytest tests/test_schemathesis.py -k fuzz -s -q
 
 lint: install
 	$(VENV)/bin/ruff check .

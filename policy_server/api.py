@@ -47,6 +47,7 @@ from policy_server.observations import (
     decision_model,
     example_observation,
     observation_model,
+    raw_observation_model,
     raw_rows,
 )
 from policy_server.policy import Decisions, Kind, Task
@@ -172,7 +173,8 @@ def create_app(
     else:
         auth = Guard({}, {})
     count_actions = metrics.count_actions if metrics is not None else _count_nothing
-    fast_routes = _add_raw_route(app, spec, admission, auth, count_actions)
+    raw_width = executor.describe().get("input_size")  # local: the model's, known before start; ray: the schema's
+    fast_routes = _add_raw_route(app, spec, raw_width, admission, auth, count_actions)
     if spec.observations is not None:
         fast_routes |= _add_observation_routes(app, spec, admission, auth, count_actions)
     _add_service_routes(app, spec, executor, admission, drain, auth, api_key is not None, started)
@@ -315,7 +317,11 @@ def _add_observation_routes(
     return fast_routes
 
 
-def _add_raw_route(app: FastAPI, spec: PolicySpec, executor: Admission, auth: Guard, count_actions: CountActions) -> dict[str, FastRoute]:
+def _add_raw_route(
+    app: FastAPI, spec: PolicySpec, input_size: int | None, executor: Admission, auth: Guard, count_actions: CountActions
+) -> dict[str, FastRoute]:
+    RawBody = raw_observation_model(spec, input_size)
+
     async def answer(body: RawObservation, seed: int | None) -> Response:
         decisions = await executor.run(Task(raw_rows(body), Kind.SAMPLE, seed))
         assert isinstance(decisions, Decisions)
@@ -331,10 +337,10 @@ def _add_raw_route(app: FastAPI, spec: PolicySpec, executor: Admission, auth: Gu
         openapi_extra=auth.openapi_extra,
         tags=["policy"],
     )
-    async def predict_raw(body: RawObservation, seed: Seed = None) -> Response:
+    async def predict_raw(body: RawBody, seed: Seed = None) -> Response:  # type: ignore[valid-type]
         return await answer(body, seed)
 
-    return {"/predict_raw": FastRoute(RawObservation.model_validate_json, answer)}
+    return {"/predict_raw": FastRoute(RawBody.model_validate_json, answer)}
 
 
 def _add_service_routes(
@@ -456,10 +462,6 @@ def _add_error_handlers(app: FastAPI) -> None:
             detail = f"No route {request.method} {path}: the routes are listed at /docs."
         elif exc.status_code == 405:
             detail = f"{request.method} is not allowed on {path}: see /docs for the method to use."
-        elif exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
-            # FastAPI answers 400 when the body is not UTF-8, 422 for every other broken JSON: one answer for both.
-            msg = "the body is not UTF-8 encoded JSON"
-            return json_response({"detail": [{"loc": ["body"], "msg": msg, "type": "json_invalid"}]}, status_code=422)
         return Response(json.dumps({"detail": detail}), status_code=exc.status_code, headers=exc.headers, media_type="application/json")
 
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:

@@ -7,29 +7,43 @@ into the one vector op per request that makes rows.
 
 import math
 from collections.abc import Sequence
-from itertools import chain
+from itertools import accumulate, chain, pairwise
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, GetJsonSchemaHandler, create_model
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 from typing_extensions import TypedDict
 
 from policy_server.errors import InputError
-from policy_server.schema import ObservationField, PolicySpec
+from policy_server.schema import DiscreteHead, ObservationField, PolicySpec
 
 _PYTHON_TYPES: dict[str, type] = {"int": int, "float": float, "bool": bool}
+# The range of a value, in the spec and in the row encoder: a float within float32's (beyond, it
+# would reach the model as infinity); an int within ±(2**53 - 1), the integers a double holds
+# exactly (RFC 8259's interoperable range). Past it, readers disagree: orjson reads an integer
+# beyond 64 bits as a float, JSON Schema validators often compare as doubles; within it, all agree.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+INT_LIMIT = 2**53 - 1
 
 # An observation is a TypedDict: validated into a plain dict in schema order, it costs a third of
 # a model instance (1,024 observations: ~1.1 ms instead of ~2.6 ms), and its keys are the schema's
 # names, any string (a field called "model_config" or "max-speed" works too). Extra keys are
 # dropped: the original's clients send every observation they have.
-_OBSERVATION_CONFIG = ConfigDict(allow_inf_nan=False, extra="ignore")
+# Strict: a value is taken only in the JSON type the spec gives it (a float field takes JSON
+# numbers, not true or "3"; a bool field only true and false), on the fast lane and on the slow path.
+_OBSERVATION_CONFIG = ConfigDict(allow_inf_nan=False, extra="ignore", strict=True)
 
 
 def observation_model(spec: PolicySpec) -> Any:
     """The typed body of /predict: one field per observation, bounds and descriptions included."""
     assert spec.observations is not None
-    fields = {obs.name: Annotated[_annotation(obs), _field_info(obs, spec.action_mask == obs.name)] for obs in spec.observations}
+    heads = _mask_heads(spec)
+    fields = {
+        obs.name: Annotated[_annotation(obs), _field_info(obs, heads if spec.action_mask == obs.name else None)]
+        for obs in spec.observations
+    }
     model: Any = TypedDict("Observation", fields)  # type: ignore[operator]
     model.__pydantic_config__ = _OBSERVATION_CONFIG
     return model
@@ -37,9 +51,19 @@ def observation_model(spec: PolicySpec) -> Any:
 
 def _annotation(obs: ObservationField) -> Any:
     scalar: Any = _PYTHON_TYPES[obs.kind]
-    if obs.kind != "bool" and (obs.minimum is not None or obs.maximum is not None):
-        scalar = Annotated[scalar, Field(ge=_typed(obs.minimum, obs), le=_typed(obs.maximum, obs))]
+    if obs.kind != "bool":
+        bounds = Field(ge=_typed(obs.minimum, obs), le=_typed(obs.maximum, obs))
+        if obs.kind == "int":
+            scalar = Annotated[scalar, bounds, BeforeValidator(_whole_number_as_int), _WITHIN_RANGE]
+        else:
+            scalar = Annotated[scalar, bounds, _WITHIN_RANGE]
     return list[scalar] if obs.is_list else scalar
+
+
+def _whole_number_as_int(value: Any) -> Any:
+    """JSON has one number type, and JSON Schema's `integer` is any number without a fraction: 3.0
+    is the integer 3. Everything else goes to the strict check as it came (3.5, true and "3" fail)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _typed(bound: float | None, obs: ObservationField) -> float | int | None:
@@ -47,17 +71,54 @@ def _typed(bound: float | None, obs: ObservationField) -> float | int | None:
     return int(bound) if bound is not None and obs.kind == "int" and bound.is_integer() else bound
 
 
-def _field_info(obs: ObservationField, is_mask: bool) -> Any:
+class _ShownWithinRange:
+    """Annotated metadata: the JSON Schema of a number shows the range the server takes, the
+    schema's bounds within FLOAT32_MAX or INT_LIMIT (which the row encoder enforces)."""
+
+    def __get_pydantic_json_schema__(self, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        limit = INT_LIMIT if schema.get("type") == "integer" else FLOAT32_MAX
+        schema["minimum"] = max(schema.get("minimum", -limit), -limit)
+        schema["maximum"] = min(schema.get("maximum", limit), limit)
+        return schema
+
+
+_WITHIN_RANGE = _ShownWithinRange()
+
+
+def _field_info(obs: ObservationField, heads: list[range] | None) -> Any:
+    """`heads`: for the action mask, which of its entries belong to which head (_mask_heads)."""
     description = obs.description or ""
-    if is_mask:
-        description = (description + " " if description else "") + "Action mask: true marks an allowed action."
+    if heads is not None:
+        description = (description + " " if description else "") + "Action mask: true marks an allowed action; each head needs one."
     return Field(
         title=obs.name,
         description=description or None,
         min_length=obs.min_items if obs.is_list else None,
         max_length=obs.max_items if obs.is_list else None,
         examples=[example_value(obs)],
+        json_schema_extra=None if heads is None else _each_head_allows_one(heads, {"const": True}),
     )
+
+
+def _mask_heads(spec: PolicySpec) -> list[range] | None:
+    """Which entries of the action mask belong to which discrete head (None: no mask).
+
+    From the declared heads; an undeclared single head has the whole mask. Several heads read off
+    the model are not known here: the whole mask stands for them (one allowed entry is then
+    necessary, though not enough: the server's 422 names the head that has none)."""
+    mask = next((obs for obs in spec.observations or () if obs.name == spec.action_mask), None)
+    if mask is None or mask.width is None:
+        return None
+    sizes = [head.n for head in spec.actions or () if isinstance(head, DiscreteHead)] or [mask.width]
+    return [range(start, stop) for start, stop in pairwise(accumulate(sizes, initial=0))]
+
+
+def _each_head_allows_one(heads: list[range], allowed: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema for an array (the mask, or the raw row that holds it) in which each head's
+    entries include one that is `allowed`: the server answers 422 for a head that allows nothing."""
+    one_per_head = [{"anyOf": [{"prefixItems": [{}] * index + [allowed]} for index in head]} for head in heads]
+    return one_per_head[0] if len(one_per_head) == 1 else {"allOf": one_per_head}
 
 
 def example_value(obs: ObservationField) -> Any:
@@ -85,13 +146,42 @@ def example_observation(spec: PolicySpec) -> dict[str, Any]:
 def batch_model(observation: Any) -> type[BaseModel]:
     return create_model(
         "ObservationBatch",
+        __config__=ConfigDict(strict=True),
         observations=(list[observation], Field(description="Observations, one per agent; answered in the same order.")),  # type: ignore[valid-type]
     )
 
 
+_RAW_VALUE = Annotated[float, _WITHIN_RANGE]
+# The policy allows an action whose mask entry, in the float32 row, is above 0.5: sent as a JSON
+# number, above the midpoint between 0.5 and the next float32 (the midpoint itself rounds to 0.5).
+_MASK_ENTRY_ALLOWED = {"exclusiveMinimum": (0.5 + float(np.nextafter(np.float32(0.5), np.float32(1)))) / 2}
+_RAW_DESCRIPTION = "The model's input vector, as the model was trained on it."
+
+
 class RawObservation(BaseModel):
-    model_config = ConfigDict(allow_inf_nan=False)
-    obs: list[float] = Field(description="The model's input vector, as the model was trained on it.", min_length=1)
+    """The body of /predict_raw when the model's input size is not known (raw_observation_model)."""
+
+    model_config = ConfigDict(allow_inf_nan=False, strict=True)
+    obs: list[_RAW_VALUE] = Field(description=_RAW_DESCRIPTION, min_length=1)  # type: ignore[valid-type]
+
+
+def raw_observation_model(spec: PolicySpec, model_input_size: int | None) -> type[RawObservation]:
+    """The body of /predict_raw: a vector of the model's input size (the schema's, else what the
+    model file says, when known), and each head's mask entries including one that allows an action.
+    The spec then names every length and mask the server accepts."""
+    size = spec.input_size or model_input_size
+    if size is None:
+        return RawObservation
+    heads = _mask_heads(spec)
+    columns = spec.columns_of(spec.action_mask) if spec.action_mask is not None else None
+    in_row = None if heads is None or columns is None else [range(h.start + columns.start, h.stop + columns.start) for h in heads]
+    obs_field = Field(
+        description=_RAW_DESCRIPTION,
+        min_length=size,
+        max_length=size,
+        json_schema_extra=None if in_row is None else _each_head_allows_one(in_row, _MASK_ENTRY_ALLOWED),
+    )
+    return create_model("RawObservation", __base__=RawObservation, obs=(list[_RAW_VALUE], obs_field))  # type: ignore[valid-type]
 
 
 def decision_model(spec: PolicySpec) -> type[BaseModel]:
@@ -147,12 +237,19 @@ def raw_rows(raw: RawObservation) -> np.ndarray:
 
 
 def float32_rows(rows: list[list[Any]], loc: tuple[str, ...]) -> np.ndarray:
-    """A float32 matrix, refusing values beyond float32's range (they would reach the model as inf)."""
+    """A float32 matrix, refusing a value out of the spec's range (FLOAT32_MAX, INT_LIMIT)."""
     try:
-        with np.errstate(over="ignore"):
-            matrix = np.array(rows, dtype=np.float32).reshape(len(rows), -1)
+        matrix = np.array(rows, dtype=np.float64).reshape(len(rows), -1)
     except OverflowError:  # an int too large even for float64
-        matrix = np.full((1, 1), np.inf, dtype=np.float32)
-    if not np.isfinite(matrix).all():
-        raise InputError(loc, "a value is beyond float32's range (about ±3.4e38)", "out_of_range")
-    return matrix
+        matrix = np.full((1, 1), np.inf)
+    peak = np.abs(matrix).max(initial=0.0)  # finite: NaN and infinities were refused by validation
+    if peak > INT_LIMIT and (peak > FLOAT32_MAX or _an_int_beyond_limit(rows)):
+        raise InputError(
+            loc, f"a value is out of range: floats go up to ±{FLOAT32_MAX:.8g} (float32), ints to ±{INT_LIMIT}", "out_of_range"
+        )
+    return matrix.astype(np.float32)
+
+
+def _an_int_beyond_limit(rows: list[list[Any]]) -> bool:
+    """Whether a value past INT_LIMIT is an int (floats may go further), on the ints themselves."""
+    return any(isinstance(value, int) and abs(value) > INT_LIMIT for row in rows for value in row)

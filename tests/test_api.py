@@ -11,11 +11,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from conftest import API_KEY, AUTH, MOUSE_OBSERVATION, MOUSE_SCHEMA, FixedLogits, MakePolicyDir, mlp, save_model, settings_for
 from fastapi.testclient import TestClient
+from servers import REPO, Server, free_port, running_server, uvicorn_command
 
 from policy_server.api import Limits, create_app
 from policy_server.errors import ConfigError
@@ -552,6 +554,34 @@ def test_422_for_a_body_that_is_not_utf8(prefixed: TestClient, body: bytes) -> N
         _validation_errors(prefixed.post(path, content=body, headers={**AUTH, "content-type": "application/json"}))
 
 
+@pytest.fixture(scope="module")
+def mouse_server() -> Iterator[Server]:
+    """`uvicorn app:app` serving examples/mouse_and_cheese."""
+    port = free_port()
+    with running_server(uvicorn_command(port), port, cwd=REPO / "examples" / "mouse_and_cheese") as server:
+        yield server
+
+
+DEEP = 100_000
+UNPARSABLE = {
+    "a 5,000-digit integer": ("digits", b'{"obs": [1, 2, 0, 1, 1, 1' + b"0" * 4999 + b"]}"),
+    "100k-deep nesting": ("nested", b'{"obs": ' + b"[" * DEEP + b"]" * DEEP + b"}"),
+}
+
+
+@pytest.mark.parametrize("lane", ["fast lane", "FastAPI"])
+@pytest.mark.parametrize("path", ["/predict", "/predict_raw", "/predict_batch"])
+@pytest.mark.parametrize("case", list(UNPARSABLE))
+def test_422_for_json_too_large_to_parse(mouse_server: Server, case: str, path: str, lane: str) -> None:
+    """What the parsers refuse (an integer of over 4,300 digits, nesting past the recursion limit)
+    is FastAPI's 422 list saying what is wrong, not a 400. `?via=fastapi` keeps it off the fast lane."""
+    word, body = UNPARSABLE[case]
+    query = "?seed=1" if lane == "fast lane" else "?seed=1&via=fastapi"
+    response = httpx.post(f"{mouse_server.url}{path}{query}", content=body, headers={**AUTH, "content-type": "application/json"})
+    errors = _validation_errors(response)
+    assert errors[0]["loc"] == ["body"] and word in errors[0]["msg"], errors
+
+
 CONTINUOUS_SCHEMA = """\
 parameters:
   discrete: false
@@ -724,7 +754,8 @@ def test_openapi_shows_fields_types_bounds_and_descriptions(prefixed: TestClient
     assert row["type"] == "number" and row["minimum"] == 0 and row["maximum"] == 4
     assert row["description"] == "row of the mouse"
     assert row["examples"] and 0 <= row["examples"][0] <= 4
-    assert "minimum" not in properties["cheese_row"]
+    float32_max = float(np.finfo(np.float32).max)  # unbounded: what the server takes, float32's range
+    assert (properties["cheese_row"]["minimum"], properties["cheese_row"]["maximum"]) == (-float32_max, float32_max)
     example = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["example"]
     assert set(example) == set(MOUSE_OBSERVATION)
     assert spec["info"]["title"] and "access-token" in spec["info"]["description"]
@@ -742,6 +773,50 @@ def test_openapi_shows_list_lengths_and_item_types(lists: TestClient) -> None:
     assert "mask" in mask["description"].lower()
     count = properties["count"]
     assert count["type"] == "integer" and count["minimum"] == 0 and count["maximum"] == 10
+
+
+def _raw_vector_schema(client: TestClient) -> dict[str, Any]:
+    spec = client.get("/openapi.json").json()
+    return dict(_request_schema(spec, "/predict_raw")["properties"]["obs"])
+
+
+def test_openapi_declares_the_raw_vector_length_from_the_schema(prefixed: TestClient) -> None:
+    obs = _raw_vector_schema(prefixed)
+    assert obs["minItems"] == obs["maxItems"] == 6
+    assert obs["items"]["type"] == "number"
+    valid = prefixed.post("/predict_raw", json={"obs": [0.5] * 6}, headers=AUTH)
+    assert valid.status_code == 200, valid.text
+    for length in (1, 5, 7):
+        errors = _validation_errors(prefixed.post("/predict_raw", json={"obs": [0.5] * length}, headers=AUTH))
+        assert errors[0]["loc"] == ["body", "obs"], errors
+
+
+def test_openapi_declares_the_raw_vector_length_from_the_model(serve: Callable[..., TestClient], make_policy_dir: MakePolicyDir) -> None:
+    """No observations in the schema: the length is the model's (local backend, known before start)."""
+    client = serve(make_policy_dir(MOUSE_SCHEMA.split("observations:")[0], mlp(5, 4), 5))
+    obs = _raw_vector_schema(client)
+    assert obs["minItems"] == obs["maxItems"] == 5
+
+
+def test_openapi_declares_where_the_raw_vector_holds_the_mask(lists: TestClient) -> None:
+    """features (3), actionMask (4), count: one of columns 3 to 6 must allow an action."""
+    obs = _raw_vector_schema(lists)
+    allowed = [alternative["prefixItems"] for alternative in obs["anyOf"]]
+    assert [len(items) - 1 for items in allowed] == [3, 4, 5, 6]
+    assert all(items[-1]["exclusiveMinimum"] > 0.5 and items[:-1] == [{}] * (len(items) - 1) for items in allowed)
+    mask = _request_schema(lists.get("/openapi.json").json(), "/predict")["properties"]["actionMask"]
+    assert [alternative["prefixItems"][-1] for alternative in mask["anyOf"]] == [{"const": True}] * 4
+
+
+def test_openapi_shows_the_range_the_server_takes(lists: TestClient) -> None:
+    """Unbounded: float32's range for floats, ±(2**53 - 1) for ints; refused just past it."""
+    features = _request_schema(lists.get("/openapi.json").json(), "/predict")["properties"]["features"]["items"]
+    float32_max = float(np.finfo(np.float32).max)
+    assert (features["minimum"], features["maximum"]) == (-float32_max, float32_max)
+    past = float(np.nextafter(float32_max, math.inf))
+    errors = _validation_errors(lists.post("/predict", json={**LISTS_OBSERVATION, "features": [0.1, past, 0.3]}, headers=AUTH))
+    assert errors[0]["type"] == "out_of_range"
+    assert lists.post("/predict", json={**LISTS_OBSERVATION, "features": [0.1, float32_max, 0.3]}, headers=AUTH).status_code == 200
 
 
 def test_openapi_operations_and_security(prefixed: TestClient) -> None:

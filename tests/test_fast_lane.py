@@ -166,3 +166,82 @@ def test_requests_through_the_lane_are_counted_in_the_metrics(mouse: TestClient)
     for _ in range(3):
         _post(mouse, "/predict", MOUSE_OBSERVATION, "seed=5")
     assert predicted() == before + 3
+
+
+# --- strict JSON types, alike on both lanes ------------------------------------------------------
+
+TYPED_SCHEMA = """\
+parameters:
+  discrete: true
+  api_key: "1234567asdfgh"
+observations:
+  speed: {type: float}
+  count: {type: int}
+  actionMask: {type: List[bool], min_items: 2, max_items: 2}
+"""
+TYPED_OBSERVATION = {"speed": 1.5, "count": 2, "actionMask": [True, True]}
+LANES = ("seed=1", "seed=1&via=fastapi")  # the lane answers the first; FastAPI the second
+
+
+@pytest.fixture(scope="module")
+def typed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    folder = tmp_path_factory.mktemp("lane") / "typed"
+    folder.mkdir()
+    (folder / "schema.yaml").write_text(TYPED_SCHEMA)
+    save_model(mlp(4, 2), folder / "models" / "model.pt2", 4)
+    with TestClient(build_app(settings_for(folder))) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "loc"),
+    [
+        ("/predict", {**TYPED_OBSERVATION, "speed": True}, ["body", "speed"]),
+        ("/predict", {**TYPED_OBSERVATION, "speed": False}, ["body", "speed"]),
+        ("/predict", {**TYPED_OBSERVATION, "speed": "3"}, ["body", "speed"]),
+        ("/predict", {**TYPED_OBSERVATION, "count": 2.5}, ["body", "count"]),
+        ("/predict", {**TYPED_OBSERVATION, "count": True}, ["body", "count"]),
+        ("/predict", {**TYPED_OBSERVATION, "count": "2"}, ["body", "count"]),
+        ("/predict", {**TYPED_OBSERVATION, "actionMask": [1, 1]}, ["body", "actionMask", 0]),
+        ("/predict", {**TYPED_OBSERVATION, "actionMask": [True, 0]}, ["body", "actionMask", 1]),
+        ("/predict", {**TYPED_OBSERVATION, "actionMask": ["yes", "no"]}, ["body", "actionMask", 0]),
+        ("/predict", {**TYPED_OBSERVATION, "actionMask": ["true", True]}, ["body", "actionMask", 0]),
+        ("/distribution", {**TYPED_OBSERVATION, "speed": True}, ["body", "speed"]),
+        (
+            "/predict_batch",
+            {"observations": [TYPED_OBSERVATION, {**TYPED_OBSERVATION, "speed": "3"}]},
+            ["body", "observations", 1, "speed"],
+        ),
+        ("/predict_raw", {"obs": [1.5, 2, True, 1]}, ["body", "obs", 2]),
+        ("/predict_raw", {"obs": [1.5, "2", 1, 1]}, ["body", "obs", 1]),
+    ],
+)
+def test_only_the_json_types_of_the_spec_are_taken_on_both_lanes(typed: TestClient, path: str, body: Any, loc: list[Any]) -> None:
+    """Floats take JSON numbers, never booleans or strings; ints take integers; bools take only true and false."""
+    for query in LANES:
+        response = typed.post(f"{path}?{query}", json=body, headers=AUTH)
+        assert response.status_code == 422, (query, response.text)
+        assert response.json()["detail"][0]["loc"] == loc, (query, response.text)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"speed": 2}, {"count": 3.0}, {"count": -(2**53 - 1)}, {"speed": 3.4e38}, {"actionMask": [False, True]}],
+    ids=["int-for-float", "whole-float-for-int", "int-limit", "float32-range", "bools"],
+)
+def test_what_the_spec_allows_is_answered_alike_on_both_lanes(typed: TestClient, change: dict[str, Any]) -> None:
+    """JSON has one number type: 2 is a float, 3.0 an integer (as JSON Schema says)."""
+    answers = [_post(typed, "/predict", {**TYPED_OBSERVATION, **change}, query) for query in LANES]
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("count", [2**53, -(2**53), 2**64 + 1, 10**30, 1e16])
+def test_an_int_past_the_specs_range_is_refused_on_both_lanes(typed: TestClient, count: float) -> None:
+    """±(2**53 - 1), the spec's range for ints: past it, even where orjson reads the number as a float."""
+    spec = typed.get("/openapi.json").json()
+    shown = spec["components"]["schemas"]["Observation"]["properties"]["count"]
+    assert (shown["minimum"], shown["maximum"]) == (-(2**53 - 1), 2**53 - 1)
+    for query in LANES:
+        response = typed.post(f"/predict?{query}", json={**TYPED_OBSERVATION, "count": count}, headers=AUTH)
+        assert response.status_code == 422, (query, response.text)
+        assert response.json()["detail"][0]["type"] == "out_of_range"
