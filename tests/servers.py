@@ -9,8 +9,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,3 +124,85 @@ def run(
 def generate(*args: str, cwd: Path = REPO, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`python generate.py ARGS...`."""
     return run([sys.executable, str(GENERATE), *args], cwd=cwd, env=env)
+
+
+@dataclass
+class Drained:
+    """What keep-alive clients saw of a server stopped by SIGTERM under their load: outcomes as `attempt` names them."""
+
+    outcomes: Counter[str]  # of the clients' requests, "answered 200 after SIGTERM" for those answered after it
+    ready: tuple[str, str]  # /ready on one kept-alive connection: before SIGTERM, then just after
+    new_connection: str  # /ready on a connection opened after that
+    returncode: int
+    exit_seconds: float  # from SIGTERM to the end of the process
+
+    @property
+    def dropped(self) -> list[str]:
+        return [outcome for outcome in self.outcomes if outcome.startswith("dropped")]
+
+
+def attempt(request: Callable[[], httpx.Response]) -> str:
+    """ "answered STATUS", "refused" (no connection: the port is closed), or "dropped: ERROR" (the
+    connection was lost under the request: reset, closed before the answer, ...)."""
+    try:
+        return f"answered {request().status_code}"
+    except httpx.ConnectError:
+        return "refused"
+    except httpx.TransportError as error:
+        return f"dropped: {type(error).__name__}"
+
+
+def sigterm_under_keep_alive_load(
+    process: subprocess.Popen[bytes],
+    url: str,
+    path: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    clients: int = 8,
+    requests_per_client: int = 5000,
+    answers_before: int = 200,
+) -> Drained:
+    """`clients` threads, each POSTing `body` to `path` in a loop on one keep-alive connection until
+    a request is not answered (at most `requests_per_client`); once they had `answers_before`
+    answers, SIGTERM to `process`, /ready asked on a connection opened before, and the process
+    awaited (at most STOP_TIMEOUT_S; the caller kills it if it is still running)."""
+    outcomes: Counter[str] = Counter()
+    lock = threading.Lock()
+    signalled, abandoned = threading.Event(), threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=10, limits=httpx.Limits(max_keepalive_connections=1)) as session:
+            for _ in range(requests_per_client):
+                outcome = attempt(lambda: session.post(path, content=body, headers=headers))
+                answered = outcome.startswith("answered")
+                if answered and signalled.is_set():
+                    outcome += " after SIGTERM"
+                with lock:
+                    outcomes[outcome] += 1
+                if not answered or abandoned.is_set():
+                    return
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        with httpx.Client(base_url=url, timeout=5) as probe:  # a load balancer's probe, kept alive
+            ready_before = attempt(lambda: probe.get("/ready"))
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while outcomes.total() < answers_before and time.monotonic() < deadline and any(t.is_alive() for t in threads):
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            signalled.set()
+            time.sleep(0.1)
+            ready_after = attempt(lambda: probe.get("/ready"))  # on its open connection
+            new_connection = attempt(lambda: probe.get("/ready"))  # that answer closed it
+    except BaseException:
+        abandoned.set()
+        raise
+    finally:
+        for thread in threads:
+            thread.join(STOP_TIMEOUT_S)
+    returncode = process.wait(STOP_TIMEOUT_S)
+    return Drained(outcomes, (ready_before, ready_after), new_connection, returncode, time.monotonic() - sent)

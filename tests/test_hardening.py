@@ -7,7 +7,6 @@ import resource
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import pytest
 import torch
 from conftest import API_KEY, AUTH, MOUSE_OBSERVATION, MOUSE_SCHEMA, MakePolicyDir
 from fastapi.testclient import TestClient
-from servers import Server, clean_env, free_port, running_server, serve_command, uvicorn_command
+from servers import Server, clean_env, free_port, running_server, serve_command, sigterm_under_keep_alive_load, uvicorn_command
 
 BODY = json.dumps(MOUSE_OBSERVATION).encode()
 
@@ -143,9 +142,6 @@ public class Predict {
 
 
 def test_sigterm_drains_keep_alive_clients_without_a_reset(mouse_dir: Path) -> None:
-    outcomes: Counter[str] = Counter()
-    ready_after_sigterm: list[int] = []
-    lock = threading.Lock()
     port = free_port()
     env = {"POLICY_SERVER_DRAIN_SECONDS": "3"}
     log_path = mouse_dir.parent / "drain.log"
@@ -154,48 +150,18 @@ def test_sigterm_drains_keep_alive_clients_without_a_reset(mouse_dir: Path) -> N
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_until_ready(url, process)
-            signalled = threading.Event()
-
-            def client() -> None:
-                with httpx.Client(base_url=url, timeout=10, limits=httpx.Limits(max_keepalive_connections=1)) as session:
-                    for _ in range(5000):  # bounded; ends at the first refused connection
-                        try:
-                            status = session.post("/predict", content=BODY, headers=AUTH).status_code
-                            outcome = f"answered {status}" + (" after SIGTERM" if signalled.is_set() else "")
-                        except httpx.ConnectError:
-                            outcome = "refused"
-                        except httpx.TransportError as error:
-                            outcome = f"dropped: {type(error).__name__}"
-                        with lock:
-                            outcomes[outcome] += 1
-                        if outcome in ("refused",) or outcome.startswith("dropped"):
-                            return
-
-            threads = [threading.Thread(target=client) for _ in range(8)]
-            for thread in threads:
-                thread.start()
-            with httpx.Client(base_url=url, timeout=5) as probe:  # a load balancer's probe, kept alive
-                assert probe.get("/ready").status_code == 200
-                time.sleep(1.0)
-                process.send_signal(signal.SIGTERM)
-                signalled.set()
-                time.sleep(0.1)
-                ready_after_sigterm.append(probe.get("/ready").status_code)  # on its open connection
-                with pytest.raises(httpx.ConnectError):  # a new connection is refused
-                    probe.get("/ready")
-            for thread in threads:
-                thread.join(60)
-            returncode = process.wait(60)
+            drained = sigterm_under_keep_alive_load(process, url, "/predict", BODY, AUTH)
         finally:
             if process.poll() is None:
                 process.kill()
                 process.wait()
     server_log = log_path.read_text()
-    assert not [outcome for outcome in outcomes if outcome.startswith("dropped")], (outcomes, server_log)
-    assert set(outcomes) <= {"answered 200", "answered 200 after SIGTERM", "refused"}, outcomes
-    assert outcomes["answered 200 after SIGTERM"] > 0  # the drain served the open connections
-    assert ready_after_sigterm == [503]
-    assert returncode in (0, -signal.SIGTERM)
+    assert not drained.dropped, (drained.outcomes, server_log)
+    assert set(drained.outcomes) <= {"answered 200", "answered 200 after SIGTERM", "refused"}, drained.outcomes
+    assert drained.outcomes["answered 200 after SIGTERM"] > 0  # the drain served the open connections
+    assert drained.ready == ("answered 200", "answered 503")  # the second on its open connection
+    assert drained.new_connection == "refused"
+    assert drained.returncode in (0, -signal.SIGTERM)
     assert "draining" in server_log
 
 

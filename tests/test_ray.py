@@ -1,10 +1,12 @@
 """Backend `ray` against a real local Ray (DESIGN.md §5): one Ray for the whole module, node address
 127.0.0.2, two CPUs, no dashboard.
 
-In-process apps (TestClient) check that ray answers exactly as local does; `uvicorn app:app`
-subprocesses check start-up, a replica killed under load, and that SIGTERM leaves nothing behind.
+In-process apps (TestClient) check that ray answers exactly as local does; `uvicorn app:app` and
+`generate.py serve` subprocesses check start-up, a replica killed under load, SIGTERM drained
+under load, and that SIGTERM leaves nothing behind.
 """
 
+import json
 import os
 import random
 import re
@@ -37,7 +39,7 @@ from ray_support import (
     survivors,
     wait_until,
 )
-from servers import free_port, running_server, uvicorn_command
+from servers import free_port, running_server, serve_command, sigterm_under_keep_alive_load, uvicorn_command
 from test_batch_isolation import CLIENTS, REQUESTS_PER_CLIENT, error_id_of, poisoned_load, raising_policy_dir
 
 from policy_server import loading
@@ -359,6 +361,36 @@ def test_a_killed_replica_loses_no_request(local_ray: str, make_policy_dir: Make
     assert "a replica died with a request in flight" in server.log
     assert server.returncode in (0, -signal.SIGTERM), server.log
     assert ray.is_initialized() and folder.name not in ray_serve.status().applications
+
+
+def test_sigterm_drains_keep_alive_clients_then_deletes_the_application(local_ray: str, mouse_dir: Path) -> None:
+    """`generate.py serve` joined to the module's Ray, 8 keep-alive clients in a loop, SIGTERM: as
+    with backend local, no request is dropped (each is answered, or refused once the port closed),
+    /ready turns 503 on an open connection, and the process ends; having answered everything, the
+    server deletes its application and leaves the Ray it joined running."""
+    application, clients = load_policy_spec(mouse_dir).name, 8
+    port = free_port()
+    env = {
+        "RAY_ADDRESS": local_ray,
+        "POLICY_SERVER_RAY_NODE_IP": NODE_IP,
+        "POLICY_SERVER_RAY_REPLICA_CPUS": str(REPLICA_CPUS),
+        "POLICY_SERVER_DRAIN_SECONDS": "3",
+    }
+    with running_server(serve_command(mouse_dir, port), port, cwd=mouse_dir, env=env, ready_path="/health") as server:
+        ready_statuses(server.url)
+        assert ray_serve.status().applications[application].status == "RUNNING"
+        body = json.dumps(MOUSE_OBSERVATION).encode()
+        drained = sigterm_under_keep_alive_load(server.process, server.url, "/predict", body, AUTH, clients=clients)
+    assert not drained.dropped, (drained.outcomes, server.log)
+    assert set(drained.outcomes) <= {"answered 200", "answered 200 after SIGTERM", "refused"}, drained.outcomes
+    assert drained.outcomes["answered 200 after SIGTERM"] > 0  # the drain served the open connections
+    assert drained.outcomes["refused"] == clients  # each client's connection closed after an answer, then the port
+    assert drained.ready == ("answered 200", "answered 503")
+    assert drained.new_connection == "refused"
+    assert drained.returncode in (0, -signal.SIGTERM), server.log
+    assert "SIGTERM: draining" in server.log  # our handler got it: Ray, started after, did not take it
+    assert "Application shutdown complete" in server.log and "Traceback" not in server.log
+    assert ray.is_initialized() and application not in ray_serve.status().applications
 
 
 def test_a_poisoned_request_fails_alone_on_the_replica(local_ray: str, make_policy_dir: MakePolicyDir) -> None:
