@@ -182,7 +182,7 @@ def create_app(
         _add_client_routes(app, spec, auth, client_sdks)
     _add_error_handlers(app)
     # Middleware, innermost first: each sees what the ones added after it let through.
-    app.add_middleware(FastLane, routes=fast_routes, api_key=api_key, error_response=policy_error_response)
+    app.add_middleware(FastLane, routes=fast_routes, error_response=policy_error_response)
     app.add_middleware(RequestBodyGuard, max_bytes=limits.max_body_bytes)
     if api_key is not None:  # before the body is read: no key, no parsing
         app.add_middleware(KeyGate, api_key=api_key, guarded=guarded_routes(app.routes))

@@ -63,12 +63,6 @@ def guarded_routes(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
     return [route for route in routes if isinstance(route, Route) and "security" in (getattr(route, "openapi_extra", None) or {})]
 
 
-def key_accepted(headers: Headers, expected: bytes) -> bool:
-    """The request sends the right key (for the fast lane: any failure goes on to the dependency)."""
-    given = key_in(headers)
-    return given is not None and _same_key(given, expected)
-
-
 def _same_key(given: str, expected: bytes) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), expected)
 

@@ -1,13 +1,13 @@
 """The fast lane: well-formed prediction requests skip FastAPI's per-request machinery.
 
 For a one-observation /predict, FastAPI's routing, dependency solving and body handling cost
-~115 µs here, more than the policy itself; checking the key, validating the body with the
-route's own pydantic validator and reading `seed` directly costs ~8 µs. So this middleware answers
-a prediction request itself when everything about it is plain: a declared Content-Length, the
-right key (when auth is on), a body that validates, and no query other than `?seed=N`. It answers
-with the very function the FastAPI route calls. Anything else (no key, a wrong key, a body that
-fails validation, other query parameters) goes on to FastAPI untouched, body included, so every
-error is FastAPI's documented answer and the routes in /docs stay the truth.
+more than the policy itself (figures in bench/RESULTS.md); validating the body with the route's
+own pydantic validator and reading `seed` directly costs a fraction of that. So this middleware
+answers a prediction request itself when everything about it is plain: a declared
+Content-Length, a body that validates, and no query other than `?seed=N` (the key was checked by
+`KeyGate`, in front). It answers with the very function the FastAPI route calls. Anything else
+(a body that fails validation, other query parameters) goes on to FastAPI untouched, body
+included, so every error is FastAPI's documented answer and the routes in /docs stay the truth.
 """
 
 import re
@@ -16,12 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
-from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from policy_server.admission import Overloaded
-from policy_server.auth import key_accepted
 from policy_server.errors import InputError, PolicyFailure
 
 _PLAIN_SEED = re.compile(rb"seed=(\d{1,20})")
@@ -43,12 +41,10 @@ class FastLane:
         self,
         app: ASGIApp,
         routes: Mapping[str, FastRoute],
-        api_key: str | None,
         error_response: Callable[[InputError | PolicyFailure | Overloaded], Response],
     ) -> None:
         self.app = app
         self.routes = routes
-        self.api_key = api_key.encode("utf-8") if api_key is not None else None
         self.error_response = error_response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -56,9 +52,8 @@ class FastLane:
         if route is None:
             await self.app(scope, receive, send)
             return
-        headers = Headers(scope=scope)
         seed = _plain_seed(scope["query_string"])
-        if seed == _NOT_PLAIN or "content-length" not in headers or (self.api_key is not None and not key_accepted(headers, self.api_key)):
+        if seed == _NOT_PLAIN or not _declares_length(scope["headers"]):
             await self.app(scope, receive, send)  # the body is untouched: FastAPI reads it
             return
         body = await _read_body(receive)
@@ -72,6 +67,10 @@ class FastLane:
         except (InputError, PolicyFailure, Overloaded) as exc:
             response = self.error_response(exc)
         await response(scope, receive, send)
+
+
+def _declares_length(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name == b"content-length" for name, _ in headers)
 
 
 def _plain_seed(query: bytes) -> int | None:
