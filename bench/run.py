@@ -447,13 +447,9 @@ def targets(by_key: dict[tuple[str, str, int], Run]) -> list[str]:
         cold = f" (first start of a new .pt2, tracing it: {ready.cold_ready_s:.2f} s)" if ready.cold_ready_s is not None else ""
         rows.append(check("local time to ready ≤ 3 s", ready.ready_s <= 3, f"{ready.ready_s:.2f} s{cold}"))
     if ray32 and seed32:
-        rows.append(
-            check(
-                "ray c=32 throughput ≥ 2× the seed design",
-                ray32.requests_per_s >= 2 * seed32.requests_per_s,
-                f"{ray32.requests_per_s / seed32.requests_per_s:.2f}×",
-            )
-        )
+        # The seed design collapses under load: its c=32 median may be no answer at all.
+        times = f"{ray32.requests_per_s / seed32.requests_per_s:.2f}×" if seed32.requests_per_s else "∞ (the seed design answered nothing)"
+        rows.append(check("ray c=32 throughput ≥ 2× the seed design", ray32.requests_per_s >= 2 * seed32.requests_per_s, times))
     if ray_runs:
         rows.append(check("ray time to ready ≤ 25 s", ray_runs[0].ready_s <= 25, f"{ray_runs[0].ready_s:.2f} s"))
     return rows
@@ -491,12 +487,19 @@ def main() -> None:
     parser.add_argument("--no-sweep", action="store_true", help="only c=1 and c=32 (no throughput-vs-concurrency plot)")
     parser.add_argument("--out", type=Path, default=BENCH, help="where results.json and RESULTS.md go")
     parser.add_argument("--plot", type=Path, default=REPO / "assets" / "bench.png")
+    parser.add_argument("--from-results", action="store_true", help="measure nothing: write RESULTS.md and the plot from results.json")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench: wrk is not installed; fix: apt-get install -y wrk")
     wanted = set(filter(None, args.configs.split(",")))
     configs = [c for c in configurations() if not wanted or c.name in wanted]
     concurrencies = (1, 32) if args.no_sweep else SWEEP
+    if args.from_results:
+        runs = [Run(**row) for row in json.loads((args.out / "results.json").read_text())]
+        (args.out / "RESULTS.md").write_text(report(runs, configs, args.duration))
+        plot(runs, args.plot)
+        print(f"wrote {args.out / 'RESULTS.md'} from its results.json")
+        return
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="policy-bench-") as scratch:
         folders = prepare_policies(Path(scratch) / "policies")
