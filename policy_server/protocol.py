@@ -103,9 +103,13 @@ class RequestDeadline:
         self.on_expiry()
 
 
-def _raw_response(status: int, reason: str, detail: str) -> bytes:
+def _raw_response(status: int, reason: str, detail: str, extra_headers: str = "") -> bytes:
+    """A whole `{"detail"}` answer that closes the connection, for when no ASGI cycle can send one."""
     body = json.dumps({"detail": detail}).encode()
-    head = f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"{extra_headers}connection: close\r\n\r\n"
+    )
     return head.encode("latin-1") + body
 
 
@@ -149,7 +153,7 @@ class HardenedHTTP(HttpToolsProtocol):
         if len(self.connections) > self.max_connections:
             _log_refused(_peer(self), len(self.connections) - 1)
             detail = "The server holds as many connections as it may: retry shortly."
-            transport.write(_raw_response(503, "Service Unavailable", detail).replace(b"\r\n\r\n", b"\r\nretry-after: 1\r\n\r\n", 1))
+            transport.write(_raw_response(503, "Service Unavailable", detail, "retry-after: 1\r\n"))
             transport.close()
             return
         self.deadline.arm()  # a connection that never sends is cut too
