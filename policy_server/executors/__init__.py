@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
-from policy_server.errors import PolicyFailure
+from policy_server.errors import PolicyFailure, model_error_line
 from policy_server.policy import Policy, Result, Task
 
 logger = logging.getLogger("policy_server")
@@ -75,15 +75,10 @@ def _run_in_halves(policy: Policy, tasks: Sequence[Task], first_task: int, passe
         logger.warning(
             "the policy failed on a batch of %d requests (%s): running them again in halves, to fail only the ones that fail alone",
             len(tasks),
-            _last_line(failure),
+            model_error_line(failure),
         )
     half = len(tasks) // 2
     return [
         *_run_in_halves(policy, tasks[:half], first_task, passes, whole_batch=False),
         *_run_in_halves(policy, tasks[half:], first_task + half, passes, whole_batch=False),
     ]
-
-
-def _last_line(exc: BaseException) -> str:
-    """What went wrong, in one line: a TorchScript error ends with the model's own exception."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
