@@ -266,7 +266,7 @@ def _add_observation_routes(
             if isinstance(result, Decisions):
                 count_actions(result.actions)
                 return json_response(_decision(result, 0))
-            return json_response({"heads": result[0]})
+            return json_response({"heads": result.rows[0]})
 
         async def endpoint(observation: Observation, seed: Seed = None) -> Response:  # type: ignore[valid-type]
             return await answer(observation, seed)

@@ -5,6 +5,7 @@ load the model, with the ray backend), the replicas and `generate.py validate` r
 the same way.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from policy_server.errors import ConfigError
@@ -13,6 +14,21 @@ from policy_server.runtimes import bundle_schema, find_model_file, load_runtime
 from policy_server.schema import PolicySpec, load_spec, parse_spec
 
 SCHEMA_FILE = "schema.yaml"
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One version of a policy to load: its folder, its schema, which model file, its label."""
+
+    folder: Path
+    spec: PolicySpec
+    model_file: Path
+    label: str = "1"
+
+    @classmethod
+    def of_folder(cls, folder: Path, spec: PolicySpec) -> "ModelVersion":
+        """A wave-1 policy folder: its one model file, version "1"."""
+        return cls(folder, spec, model_file(folder, spec))
 
 
 def load_policy_spec(policy_dir: Path) -> PolicySpec:
@@ -38,8 +54,13 @@ def model_file(policy_dir: Path, spec: PolicySpec) -> Path:
 
 
 def load_policy(policy_dir: Path, spec: PolicySpec, device: str = "cpu", cache_dir: Path | None = None) -> Policy:
-    """Load the model onto `device`, check it against the schema, and read its heads."""
-    runtime = load_runtime(model_file(policy_dir, spec), device, cache_dir)
+    """Load the folder's one model onto `device`, check it against the schema, and read its heads."""
+    return load_version(ModelVersion.of_folder(policy_dir, spec), device, cache_dir)
+
+
+def load_version(version: ModelVersion, device: str = "cpu", cache_dir: Path | None = None) -> Policy:
+    """Load one version's model onto `device`, check it against the schema, and read its heads."""
+    runtime = load_runtime(version.model_file, device, cache_dir)
     info = ModelInfo(
         path=str(runtime.path),
         format=runtime.format,
@@ -47,5 +68,6 @@ def load_policy(policy_dir: Path, spec: PolicySpec, device: str = "cpu", cache_d
         declared_input_size=runtime.input_size,
         candidate_input_sizes=runtime.candidate_input_sizes,
         sha256=runtime.sha256,
+        version=version.label,
     )
-    return build_policy(spec, runtime, info)
+    return build_policy(version.spec, runtime, info)

@@ -51,6 +51,7 @@ class Task:
 class Decisions:
     actions: list[list[Any]]  # per row: one int per discrete head, all values of each continuous head
     probabilities: list[float | None]
+    version: str = "1"  # of the policy that decided: the answer's X-Policy-Version
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,12 @@ class HeadParameters:
     std: np.ndarray | None = None
 
 
-Distributions = list[list[dict[str, Any]]]  # per row, per head: the /distribution entries
+@dataclass(frozen=True)
+class Distributions:
+    rows: list[list[dict[str, Any]]]  # per row, per head: the /distribution entries
+    version: str = "1"
+
+
 Result = Decisions | Distributions | InputError | PolicyFailure
 
 
@@ -77,6 +83,7 @@ class ModelInfo:
     declared_input_size: int | None = None  # what the file itself says it takes
     candidate_input_sizes: tuple[int, ...] = ()  # when it says nothing: sizes worth trying on it
     sha256: str = ""
+    version: str = "1"  # of the policy: which models/N/ it came from
 
     @property
     def name(self) -> str:
@@ -117,6 +124,7 @@ class Policy:
             "model": self.info.name,
             "format": self.info.format,
             "sha256": self.info.sha256,
+            "version": self.info.version,
             "device": self.info.device,
             "input_size": self.input_size,
             "heads": [describe_head(head) for head in self.heads],
@@ -173,11 +181,11 @@ class Policy:
             loc: tuple[str | int, ...] = ("body", "observations", row) if len(task.rows) > 1 else ("body",)
             return InputError(loc, f"the action mask allows no action of head '{head}'", "no_allowed_action")
         if task.kind is Kind.DISTRIBUTION:
-            return [[_describe(p, row) for p in parameters] for row in range(len(task.rows))]
+            return Distributions([[_describe(p, row) for p in parameters] for row in range(len(task.rows))], self.info.version)
         # random.Random: seeding numpy's Generator costs ~30 µs, more than the whole sampling.
         rng = random.Random(task.seed) if task.seed is not None else self._rng
         sample = task.kind is Kind.SAMPLE
-        return _decide(parameters, len(task.rows), rng if sample else None)
+        return _decide(parameters, len(task.rows), rng if sample else None, self.info.version)
 
 
 def _all_finite(parameters: list[HeadParameters]) -> bool:
@@ -228,7 +236,7 @@ def sample_gaussian(mean: np.ndarray, std: np.ndarray, rng: random.Random) -> np
     return mean + std * noise
 
 
-def _decide(parameters: list[HeadParameters], batch: int, rng: random.Random | None) -> Decisions:
+def _decide(parameters: list[HeadParameters], batch: int, rng: random.Random | None, version: str) -> Decisions:
     """Actions per head (sampled with `rng`, else the most likely) and their joint probability."""
     columns: list[np.ndarray] = []
     joint = np.ones(batch)
@@ -243,7 +251,7 @@ def _decide(parameters: list[HeadParameters], batch: int, rng: random.Random | N
             columns.append(_clip(values, p.head))
     actions = np.concatenate(columns, axis=1).tolist()
     discrete = parameters[0].probabilities is not None
-    return Decisions(actions=actions, probabilities=joint.tolist() if discrete else [None] * batch)
+    return Decisions(actions=actions, probabilities=joint.tolist() if discrete else [None] * batch, version=version)
 
 
 def _clip(values: np.ndarray, head: ContinuousHead) -> np.ndarray:

@@ -82,6 +82,7 @@ class Serving:
     batch_wait_ms: float = 0.0
     replicas: int = 1
     num_gpus: float | Literal["auto"] = "auto"
+    version: str | None = None  # pins the version served (models/N/); None: the highest
 
 
 @dataclass(frozen=True)
@@ -551,7 +552,7 @@ def _model_path(reader: _Reader, raw: Any) -> Path | None:
 
 def _serving(reader: _Reader, raw: Any) -> Serving:
     section = reader.mapping(raw, "serving")
-    reader.known_keys(section, "serving", ("backend", "max_batch_size", "batch_wait_ms", "replicas", "num_gpus"))
+    reader.known_keys(section, "serving", ("backend", "max_batch_size", "batch_wait_ms", "replicas", "num_gpus", "version"))
     defaults = Serving()
     backend = str(section.get("backend", defaults.backend))
     if backend not in BACKENDS:
@@ -568,4 +569,16 @@ def _serving(reader: _Reader, raw: Any) -> Serving:
         batch_wait_ms=wait,
         replicas=reader.count(section.get("replicas", defaults.replicas), "serving.replicas", smallest=1),
         num_gpus=num_gpus,
+        version=_pinned_version(reader, section.get("version")),
     )
+
+
+def _pinned_version(reader: _Reader, raw: Any) -> str | None:
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    if not text.isdigit():
+        raise reader.fail(
+            "serving.version", f"{raw!r} is not a version number", "write the number of a folder in models/, e.g. 'version: 2'"
+        )
+    return str(int(text))

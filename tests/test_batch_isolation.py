@@ -21,7 +21,7 @@ from servers import free_port, running_server, uvicorn_command
 from policy_server.errors import PolicyFailure
 from policy_server.executors.local import LocalExecutor
 from policy_server.loading import load_policy, load_policy_spec
-from policy_server.policy import Decisions, Kind, Policy, Result, Task
+from policy_server.policy import Decisions, Distributions, Kind, Policy, Result, Task
 
 POISON_ABOVE = 3.5  # mouse_row, the first input: the schema allows 0 to 4
 POISONED_MOUSE = (4, 2)  # a mouse on row 4: within the schema, fatal to the model
@@ -119,8 +119,8 @@ def _assert_same(result: Result | BaseException, expected: Result) -> None:
     def numbers(result: Result | BaseException) -> tuple[object, list[float | None]]:
         if isinstance(result, Decisions):
             return result.actions, result.probabilities
-        assert isinstance(result, list), result
-        return None, [p for row in result for head in row for p in head["probabilities"]]
+        assert isinstance(result, Distributions), result
+        return None, [p for row in result.rows for head in row for p in head["probabilities"]]
 
     (actions, probabilities), (expected_actions, expected_probabilities) = numbers(result), numbers(expected)
     assert actions == expected_actions

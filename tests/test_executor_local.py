@@ -19,7 +19,7 @@ from conftest import MOUSE_SCHEMA, mlp, save_model
 from policy_server.errors import InputError, PolicyFailure
 from policy_server.executors.local import LocalExecutor
 from policy_server.loading import load_policy, load_policy_spec
-from policy_server.policy import Decisions, Kind, Policy, Result, Task
+from policy_server.policy import Decisions, Distributions, Kind, Policy, Result, Task
 
 POISON = 999.0  # a row starting with this makes the recording model raise
 
@@ -97,9 +97,9 @@ def _assert_same(result: Result, expected: Result) -> None:
         assert result.actions == expected.actions
         assert result.probabilities == pytest.approx(expected.probabilities, rel=1e-5)
     else:
-        assert isinstance(result, list) and isinstance(expected, list)
-        assert len(result) == len(expected)
-        for got_row, want_row in zip(result, expected, strict=True):
+        assert isinstance(result, Distributions) and isinstance(expected, Distributions)
+        assert len(result.rows) == len(expected.rows)
+        for got_row, want_row in zip(result.rows, expected.rows, strict=True):
             for got, want in zip(got_row, want_row, strict=True):
                 assert got["name"] == want["name"]
                 assert got["probabilities"] == pytest.approx(want["probabilities"], rel=1e-5, abs=1e-9)
@@ -153,7 +153,7 @@ def test_multi_row_tasks_are_split_back_correctly(policy: Policy, budget_ms: flo
     assert max(recorder.sizes) > 5
     for result, want, task in zip(results, expected, tasks, strict=True):
         _assert_same(result, want)
-        rows = len(result.actions) if isinstance(result, Decisions) else len(result)
+        rows = len(result.actions) if isinstance(result, Decisions) else len(result.rows)
         assert rows == len(task.rows)
 
 

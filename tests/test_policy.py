@@ -17,7 +17,7 @@ from scipy import special, stats
 
 from policy_server.errors import ConfigError, InputError
 from policy_server.loading import load_policy, load_policy_spec
-from policy_server.policy import Decisions, Kind, Policy, Task, masked_softmax, sample_discrete
+from policy_server.policy import Decisions, Distributions, Kind, Policy, Task, masked_softmax, sample_discrete
 from policy_server.server import build_app
 
 Serve = Callable[..., TestClient]
@@ -689,8 +689,8 @@ def test_a_batch_of_tasks_answers_each_as_if_alone(make_policy_dir: MakePolicyDi
             assert batched.actions == single.actions
             np.testing.assert_allclose(batched.probabilities, single.probabilities, rtol=1e-6)
         else:
-            assert isinstance(batched, list) and len(batched) == len(single)
-            for row_alone, row_batched in zip(single, batched, strict=True):
+            assert isinstance(batched, Distributions) and isinstance(single, Distributions) and len(batched.rows) == len(single.rows)
+            for row_alone, row_batched in zip(single.rows, batched.rows, strict=True):
                 np.testing.assert_allclose(row_batched[0]["probabilities"], row_alone[0]["probabilities"], atol=1e-6)
     assert isinstance(together[3], InputError) and together[3].kind == "input_size"
     assert isinstance(together[5], InputError) and together[5].kind == "no_allowed_action"

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
 from policy_server.errors import PolicyFailure, model_error_line
+from policy_server.loading import ModelVersion
 from policy_server.policy import Policy, Result, Task
 
 logger = logging.getLogger("policy_server")
@@ -25,6 +26,10 @@ class Executor(Protocol):
     async def start(self) -> None:
         """Load or deploy, warm up; return once the policy answers."""
 
+    async def switch(self, version: ModelVersion) -> None:
+        """Load `version` beside the active one, check it, then make it active: requests accepted
+        before finish on the old one, none fails. Raises (the old one serving on) if it cannot load."""
+
     async def stop(self) -> None:
         """Answer what was accepted, then release threads or deployments."""
 
@@ -32,7 +37,7 @@ class Executor(Protocol):
     def ready(self) -> bool: ...
 
     async def run(self, task: Task) -> Result:
-        """One task's result; raises PolicyFailure when the model fails."""
+        """One task's result, which names the version that answered; raises PolicyFailure when the model fails."""
 
     def describe(self) -> dict[str, Any]:
         """Model, input size, heads, device, replicas: for /schema and /info."""

@@ -17,6 +17,10 @@ in rows, from the policy timed at start-up on one row and on a full batch.
 No batching task sits in between: the request that finds the executor free schedules the batch
 one loop turn later (so requests parsed in the same turn join it), and each finished batch
 schedules the next.
+
+`switch` loads another version beside the active one (on a thread of its own: requests go on
+being answered), warms and times it, then makes it active in one step. A task runs on the
+version that was active when it was accepted: a batch never mixes versions.
 """
 
 import asyncio
@@ -25,6 +29,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,10 +37,10 @@ import torch
 
 from policy_server.errors import InputError, PolicyFailure
 from policy_server.executors import run_isolating_failures
+from policy_server.loading import ModelVersion, load_version
 from policy_server.policy import Kind, Policy, Result, Task
 from policy_server.runtimes import gpu_memory
 
-_Pending = tuple[Task, "asyncio.Future[Result]"]
 _CALIBRATION_REPEATS = 15
 _CALIBRATION_BUDGET_S = 0.25  # a slow model is timed fewer times: its batches go to the worker anyway
 
@@ -51,6 +56,21 @@ class CostModel:
         return self.one_row_s + (rows - 1) * self.per_extra_row_s
 
 
+@dataclass(frozen=True)
+class Active:
+    """A loaded version and its measured cost: what a task accepted now runs on."""
+
+    policy: Policy
+    cost: CostModel
+
+
+@dataclass(frozen=True)
+class _Pending:
+    task: Task
+    future: "asyncio.Future[Result]"
+    on: Active
+
+
 class LocalExecutor:
     backend = "local"
     starts_in_background = False
@@ -63,10 +83,12 @@ class LocalExecutor:
         torch_threads: int = 1,
         observe_batch: Callable[[int, float], None] | None = None,
         inline_budget_ms: float = 1.0,
+        model_cache_dir: Path | None = None,
     ) -> None:
-        self.policy = policy
+        self.policy = policy  # the active version's; becomes `_active.policy` once timed at start
         self.inline_budget_s = inline_budget_ms / 1000  # batches estimated cheaper run on the event loop
-        self.cost: CostModel | None = None  # measured at start
+        self.model_cache_dir = model_cache_dir  # for the versions `switch` loads
+        self._active: Active | None = None
         self.observe_batch = observe_batch  # (rows, seconds) of each batch, for the metrics
         self.max_batch_rows = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000
@@ -84,31 +106,43 @@ class LocalExecutor:
     def ready(self) -> bool:
         return self._ready
 
+    @property
+    def cost(self) -> CostModel | None:
+        return self._active.cost if self._active is not None else None
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
-        await self._loop.run_in_executor(self._worker, self._warm_up)
-        self.cost = self._measure_cost()
+        self._active = await self._loop.run_in_executor(self._worker, self._prepare, self.policy)
         self._idle.set()
         self._ready = True
 
-    def _warm_up(self) -> None:
-        torch.set_num_threads(self.torch_threads)
-        self.policy.warm_up()
+    async def switch(self, version: ModelVersion) -> None:
+        """Load `version` beside the active one, warm and time it, then make it active.
 
-    def _measure_cost(self) -> CostModel:
-        one_row, full = self._time_policy(1), self._time_policy(self.max_batch_rows)
+        Raises what loading raises (a `ConfigError` for a model that does not fit its schema);
+        the active version is untouched then."""
+        policy = await asyncio.to_thread(load_version, version, "cpu", self.model_cache_dir)
+        self._active = await asyncio.to_thread(self._prepare, policy)
+        self.policy = policy
+
+    def _prepare(self, policy: Policy) -> Active:
+        torch.set_num_threads(self.torch_threads)
+        policy.warm_up()
+        return Active(policy, self._measure_cost(policy))
+
+    def _measure_cost(self, policy: Policy) -> CostModel:
+        one_row, full = self._time_policy(policy, 1), self._time_policy(policy, self.max_batch_rows)
         per_extra_row = (full - one_row) / (self.max_batch_rows - 1) if self.max_batch_rows > 1 else 0.0
         return CostModel(one_row, max(per_extra_row, 0.0))
 
-    def _time_policy(self, rows: int) -> float:
-        """The median of a few runs, on the loop's thread (which runs the inline batches)."""
-        torch.set_num_threads(self.torch_threads)
-        task = Task(np.zeros((rows, self.policy.input_size), dtype=np.float32), Kind.SAMPLE)
+    def _time_policy(self, policy: Policy, rows: int) -> float:
+        """The median of a few runs (a slow model is timed fewer times)."""
+        task = Task(np.zeros((rows, policy.input_size), dtype=np.float32), Kind.SAMPLE)
         timings: list[float] = []
         while len(timings) < _CALIBRATION_REPEATS and sum(timings) < _CALIBRATION_BUDGET_S:
             started = time.perf_counter()
-            self.policy.run([task])
+            policy.run([task])
             timings.append(time.perf_counter() - started)
         return statistics.median(timings)
 
@@ -120,9 +154,9 @@ class LocalExecutor:
             self._worker.shutdown(wait=True)
 
     async def run(self, task: Task) -> Result:
-        assert self._loop is not None, "start() first"
+        assert self._loop is not None and self._active is not None, "start() first"
         future: asyncio.Future[Result] = self._loop.create_future()
-        self._pending.append((task, future))
+        self._pending.append(_Pending(task, future, self._active))
         self._pending_rows += len(task.rows)
         self._idle.clear()
         if not self._busy:
@@ -148,16 +182,17 @@ class LocalExecutor:
             self._busy = False
             self._idle.set()
             return
-        batch, rows = [self._pending[0]], len(self._pending[0][0].rows)
+        first = self._pending[0]
+        batch, rows = [first], len(first.task.rows)
         for item in self._pending[1:]:
-            if rows + len(item[0].rows) > self.max_batch_rows:
+            if item.on is not first.on or rows + len(item.task.rows) > self.max_batch_rows:
                 break
             batch.append(item)
-            rows += len(item[0].rows)
+            rows += len(item.task.rows)
         del self._pending[: len(batch)]
         self._pending_rows -= rows
-        assert self._worker is not None and self.cost is not None
-        if self.cost.seconds(rows) < self.inline_budget_s:
+        assert self._worker is not None
+        if first.on.cost.seconds(rows) < self.inline_budget_s:
             self._deliver(batch, self._compute(batch))
         else:
             self._worker.submit(self._compute_on_worker, batch)
@@ -169,19 +204,19 @@ class LocalExecutor:
 
     def _compute(self, batch: list[_Pending]) -> list[Result]:
         """One forward pass for the batch; a task whose input makes the model fail fails alone."""
-        results, passes = run_isolating_failures(self.policy, [task for task, _ in batch])
+        results, passes = run_isolating_failures(batch[0].on.policy, [item.task for item in batch])
         if self.observe_batch is not None:
             for forward_pass in passes:
                 self.observe_batch(forward_pass.rows, forward_pass.seconds)
         return results
 
     def _deliver(self, batch: list[_Pending], results: list[Result]) -> None:
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():  # the client went away
+        for item, result in zip(batch, results, strict=True):
+            if item.future.done():  # the client went away
                 continue
             if isinstance(result, InputError | PolicyFailure):
-                future.set_exception(result)
+                item.future.set_exception(result)
             else:
-                future.set_result(result)
+                item.future.set_result(result)
         assert self._loop is not None
         self._loop.call_soon(self._dispatch)  # after this turn: its requests can join the next batch
