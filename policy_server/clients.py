@@ -105,7 +105,7 @@ class ClientSDKs:
                 raise UnknownLanguage(language)
         self.languages = tuple(languages)
         self.java = java
-        self._openapi = openapi
+        self.openapi = openapi
         self._jar, self._generator_version = _bundled_generator()
         self._options = {
             language: generator_options(language, policy_name, str(openapi.get("info", {}).get("version", "1.0.0")))
@@ -231,7 +231,7 @@ class ClientSDKs:
         path = self.directory / "openapi.json"
         if not path.is_file():
             with _replacing(path) as file:
-                file.write(json.dumps(self._openapi, indent=2).encode())
+                file.write(json.dumps(self.openapi, indent=2).encode())
         return path
 
     @contextlib.asynccontextmanager

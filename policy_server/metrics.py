@@ -37,52 +37,72 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 NOT_TRAFFIC = frozenset({"/metrics", "/health", "/ready"})  # scrapes and probes, not traffic
 OTHER_ROUTE = "other"  # unknown paths share one label, so scanners cannot blow up the series count
+POLICY_HEADER = b"x-policy-name"  # which policy and version answered a prediction (set by the routes)
+VERSION_HEADER = b"x-policy-version"
 
 
 class Metrics:
-    """The server's metrics and their exposition."""
+    """The server's metrics and their exposition; `for_policy` gives one policy's view of them."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         registry = self.registry
         self.requests = Counter(
-            "policy_server_requests", "HTTP requests answered, by route and status code.", ["route", "status"], registry=registry
+            "policy_server_requests",
+            "HTTP requests answered, by route, status code, and the policy and version that answered (empty: none did).",
+            ["route", "status", "policy", "version"],
+            registry=registry,
         )
         self.request_duration = Histogram(
             "policy_server_request_duration_seconds",
-            "Time from request to answer, by route.",
-            ["route"],
+            "Time from request to answer, by route and policy.",
+            ["route", "policy"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.inference_duration = Histogram(
             "policy_server_inference_duration_seconds",
             "One forward pass of the policy (a whole batch).",
+            ["policy"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.batch_size = Histogram("policy_server_batch_size", "Observations per forward pass.", buckets=BATCH_BUCKETS, registry=registry)
+        self.batch_size = Histogram(
+            "policy_server_batch_size", "Observations per forward pass.", ["policy"], buckets=BATCH_BUCKETS, registry=registry
+        )
         self.actions = Counter(
-            "policy_server_actions", "Actions the policy chose, by head and action label.", ["head", "action"], registry=registry
+            "policy_server_actions",
+            "Actions the policy chose, by version, head and action label.",
+            ["policy", "version", "head", "action"],
+            registry=registry,
         )
         self.model_info = Gauge(
             "policy_server_model_info",
-            "The model served (always 1).",
-            ["name", "format", "backend", "device"],
+            "The model of each policy's active version (always 1).",
+            ["policy", "version", "name", "format", "backend", "device"],
             registry=registry,
             multiprocess_mode="max",
         )
+        self.version_failures = Counter(
+            "policy_server_version_failures",
+            "Versions that failed to load or to pass their checks (the old version served on): /policies says why.",
+            ["policy", "version"],
+            registry=registry,
+        )
         self.shed = Counter(
-            "policy_server_shed_requests", "Requests refused with 503 because the policy's queue was full.", registry=registry
+            "policy_server_shed_requests", "Requests refused with 503 because the policy's queue was full.", ["policy"], registry=registry
         )
         self.queue_limit = Gauge(
-            "policy_server_queue_limit", "Requests that may wait or run at once per policy.", registry=registry, multiprocess_mode="max"
+            "policy_server_queue_limit",
+            "Requests that may wait or run at once per policy.",
+            ["policy"],
+            registry=registry,
+            multiprocess_mode="max",
         )
         self.queued = Gauge(
-            "policy_server_queued_requests", "Requests waiting or running now.", registry=registry, multiprocess_mode="livesum"
+            "policy_server_queued_requests", "Requests waiting or running now.", ["policy"], registry=registry, multiprocess_mode="livesum"
         )
-        self._action_counters: list[list[Any]] = []
 
     def warn_if_counts_split(self) -> None:
         """Under a uvicorn supervisor (--workers, --reload) each worker would count alone."""
@@ -92,36 +112,8 @@ class Metrics:
                 "(or use 'python generate.py serve --workers N'), else /metrics shows one worker's counts"
             )
 
-    def describe_model(self, info: dict[str, Any]) -> None:
-        """Set model_info and bind one counter per discrete action (labels, else indices)."""
-        self.model_info.labels(info["model"], info["format"], info["backend"], info["device"]).set(1)
-        self._action_counters = [
-            [self.actions.labels(head["name"], str(label)) for label in (head["labels"] or range(head["n"]))]
-            for head in info["heads"]
-            if head["kind"] == "discrete"
-        ]
-
-    def watch_queue(self, admission: "Admission") -> None:
-        """Report the queue's bound, and its depth read at each scrape (nothing per request)."""
-        self.queue_limit.set(admission.limit)
-        if not self.multiprocess:  # a callback reads this process only: workers report their bound and sheds
-            self.queued.set_function(lambda: admission.admitted)
-
-    def count_shed(self) -> None:
-        self.shed.inc()
-
-    def observe_batch(self, rows: int, seconds: float) -> None:
-        self.batch_size.observe(rows)
-        self.inference_duration.observe(seconds)
-
-    def count_actions(self, actions: Sequence[Sequence[Any]]) -> None:
-        """Count the discrete actions of each row (continuous actions have no label to count)."""
-        for head, counters in enumerate(self._action_counters):
-            if len(actions) == 1:
-                counters[actions[0][head]].inc()
-            else:
-                for action, count in Tally(row[head] for row in actions).items():
-                    counters[action].inc(count)
+    def for_policy(self, name: str) -> "PolicyMetrics":
+        return PolicyMetrics(self, name)
 
     def exposition(self) -> tuple[bytes, str]:
         registry = self.registry
@@ -131,44 +123,105 @@ class Metrics:
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+class PolicyMetrics:
+    """One policy's series, their children bound once (labels() costs a lock and a lookup per call)."""
+
+    def __init__(self, metrics: Metrics, policy: str) -> None:
+        self.metrics = metrics
+        self.policy = policy
+        self._batch_size = metrics.batch_size.labels(policy)
+        self._inference = metrics.inference_duration.labels(policy)
+        self._shed = metrics.shed.labels(policy)
+        self._action_counters: dict[str, list[list[Any]]] = {}  # version → per discrete head, per action
+        self._model_labels: tuple[str, ...] | None = None
+
+    def describe_model(self, info: dict[str, Any]) -> None:
+        """The active version's model_info, and one counter per discrete action (labels, else indices)."""
+        version = str(info.get("version", "1"))
+        labels = (self.policy, version, str(info.get("model")), str(info.get("format")), str(info.get("backend")), str(info.get("device")))
+        if self._model_labels is not None and self._model_labels != labels:
+            self.metrics.model_info.remove(*self._model_labels)
+        self.metrics.model_info.labels(*labels).set(1)
+        self._model_labels = labels
+        self._action_counters[version] = [
+            [self.metrics.actions.labels(self.policy, version, head["name"], str(label)) for label in (head["labels"] or range(head["n"]))]
+            for head in info.get("heads") or []
+            if head["kind"] == "discrete"
+        ]
+
+    def watch_queue(self, admission: "Admission") -> None:
+        """Report the queue's bound, and its depth read at each scrape (nothing per request)."""
+        self.metrics.queue_limit.labels(self.policy).set(admission.limit)
+        if not self.metrics.multiprocess:  # a callback reads this process only: workers report their bound and sheds
+            self.metrics.queued.labels(self.policy).set_function(lambda: admission.admitted)
+
+    def count_failed_version(self, version: str) -> None:
+        self.metrics.version_failures.labels(self.policy, version).inc()
+
+    def count_shed(self) -> None:
+        self._shed.inc()
+
+    def observe_batch(self, rows: int, seconds: float) -> None:
+        self._batch_size.observe(rows)
+        self._inference.observe(seconds)
+
+    def count_actions(self, actions: Sequence[Sequence[Any]], version: str) -> None:
+        """Count the discrete actions of each row (continuous actions have no label to count)."""
+        for head, counters in enumerate(self._action_counters.get(version, ())):
+            if len(actions) == 1:
+                counters[actions[0][head]].inc()
+            else:
+                for action, count in Tally(row[head] for row in actions).items():
+                    counters[action].inc(count)
+
+
 class RequestMetrics:
     """Pure ASGI middleware: counts and times every request but /metrics and /health.
 
-    Sits inside CanonicalPath, so `/predict/` and `/api/v1/predict` count as `/predict`.
+    Sits inside CanonicalPath, so `/predict/` and `/api/v1/predict` count as `/predict`. The route
+    is the one that matched (its path; `other` for none); the policy and version are those the
+    answer names in its X-Policy-Name and X-Policy-Version headers.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, routes: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
-        self.routes = routes
         # labels() builds and looks up a key under a lock on every call: keep the children
-        self._counted: dict[tuple[str, int], Any] = {}
-        self._timed: dict[str, Any] = {}
+        self._counted: dict[tuple[str, int, bytes, bytes], Any] = {}
+        self._timed: dict[tuple[str, bytes], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] != "http" or path in NOT_TRAFFIC:
             await self.app(scope, receive, send)
             return
-        route = path if path in self.routes else OTHER_ROUTE
         status = 500  # what the client gets if the app fails before answering
+        policy = version = b""
         started = time.perf_counter()
 
         async def send_with_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, policy, version
             if message["type"] == "http.response.start":
                 status = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name == POLICY_HEADER:
+                        policy = value
+                    elif name == VERSION_HEADER:
+                        version = value
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_status)
         finally:
             elapsed = time.perf_counter() - started
-            counter = self._counted.get((route, status))
+            matched = scope.get("route")
+            route = getattr(matched, "path", OTHER_ROUTE)
+            counter = self._counted.get((route, status, policy, version))
             if counter is None:
-                counter = self._counted[route, status] = self.metrics.requests.labels(route, str(status))
-            timer = self._timed.get(route)
+                labels = (route, str(status), policy.decode("latin-1"), version.decode("latin-1"))
+                counter = self._counted[route, status, policy, version] = self.metrics.requests.labels(*labels)
+            timer = self._timed.get((route, policy))
             if timer is None:
-                timer = self._timed[route] = self.metrics.request_duration.labels(route)
+                timer = self._timed[route, policy] = self.metrics.request_duration.labels(route, policy.decode("latin-1"))
             counter.inc()
             timer.observe(elapsed)

@@ -36,15 +36,16 @@ INT_LIMIT = 2**53 - 1
 _OBSERVATION_CONFIG = ConfigDict(allow_inf_nan=False, extra="ignore", strict=True)
 
 
-def observation_model(spec: PolicySpec) -> Any:
-    """The typed body of /predict: one field per observation, bounds and descriptions included."""
+def observation_model(spec: PolicySpec, prefix: str = "") -> Any:
+    """The typed body of /predict: one field per observation, bounds and descriptions included.
+    `prefix` names the models of a policy apart from those of the others served beside it."""
     assert spec.observations is not None
     heads = _mask_heads(spec)
     fields = {
         obs.name: Annotated[_annotation(obs), _field_info(obs, heads if spec.action_mask == obs.name else None)]
         for obs in spec.observations
     }
-    model: Any = TypedDict("Observation", fields)  # type: ignore[operator]
+    model: Any = TypedDict(f"{prefix}Observation", fields)  # type: ignore[operator]
     model.__pydantic_config__ = _OBSERVATION_CONFIG
     return model
 
@@ -143,9 +144,9 @@ def example_observation(spec: PolicySpec) -> dict[str, Any]:
     return {obs.name: example_value(obs) for obs in spec.observations or ()}
 
 
-def batch_model(observation: Any) -> type[BaseModel]:
+def batch_model(observation: Any, prefix: str = "") -> type[BaseModel]:
     return create_model(
-        "ObservationBatch",
+        f"{prefix}ObservationBatch",
         __config__=ConfigDict(strict=True),
         observations=(list[observation], Field(description="Observations, one per agent; answered in the same order.")),  # type: ignore[valid-type]
     )
@@ -165,13 +166,13 @@ class RawObservation(BaseModel):
     obs: list[_RAW_VALUE] = Field(description=_RAW_DESCRIPTION, min_length=1)  # type: ignore[valid-type]
 
 
-def raw_observation_model(spec: PolicySpec, model_input_size: int | None) -> type[RawObservation]:
+def raw_observation_model(spec: PolicySpec, model_input_size: int | None, prefix: str = "") -> type[RawObservation]:
     """The body of /predict_raw: a vector of the model's input size (the schema's, else what the
     model file says, when known), and each head's mask entries including one that allows an action.
     The spec then names every length and mask the server accepts."""
     size = spec.input_size or model_input_size
     if size is None:
-        return RawObservation
+        return RawObservation if not prefix else create_model(f"{prefix}RawObservation", __base__=RawObservation)
     heads = _mask_heads(spec)
     columns = spec.columns_of(spec.action_mask) if spec.action_mask is not None else None
     in_row = None if heads is None or columns is None else [range(h.start + columns.start, h.stop + columns.start) for h in heads]
@@ -181,14 +182,14 @@ def raw_observation_model(spec: PolicySpec, model_input_size: int | None) -> typ
         max_length=size,
         json_schema_extra=None if in_row is None else _each_head_allows_one(in_row, _MASK_ENTRY_ALLOWED),
     )
-    return create_model("RawObservation", __base__=RawObservation, obs=(list[_RAW_VALUE], obs_field))  # type: ignore[valid-type]
+    return create_model(f"{prefix}RawObservation", __base__=RawObservation, obs=(list[_RAW_VALUE], obs_field))  # type: ignore[valid-type]
 
 
-def decision_model(spec: PolicySpec) -> type[BaseModel]:
+def decision_model(spec: PolicySpec, prefix: str = "") -> type[BaseModel]:
     """`{"actions", "probability"}`, typed by the kind of actions (what SDKs generate from)."""
     actions_type = list[int] if spec.discrete else list[float]
     return create_model(
-        "Decision",
+        f"{prefix}Decision",
         actions=(actions_type, Field(description="One action per discrete head; all values of each continuous head.")),
         probability=(float | None, Field(description="Joint probability of these actions (null for continuous actions).")),
     )
@@ -206,8 +207,8 @@ class Distribution(BaseModel):
     heads: list[HeadDistribution]
 
 
-def batch_decisions_model(decision: type[BaseModel]) -> type[BaseModel]:
-    return create_model("BatchDecisions", results=(list[decision], ...))  # type: ignore[valid-type]
+def batch_decisions_model(decision: type[BaseModel], prefix: str = "") -> type[BaseModel]:
+    return create_model(f"{prefix}BatchDecisions", results=(list[decision], ...))  # type: ignore[valid-type]
 
 
 class RowEncoder:

@@ -1,4 +1,4 @@
-"""Settings → spec → executor → app: the composition `app.py` and `generate.py serve` share.
+"""Settings → registry of policies → executors → app: the composition `app.py` and `generate.py serve` share.
 
 A user's mistake found here (bad schema, missing model, no api key) ends the process with one
 line on stderr naming the file, the key and the fix: no traceback.
@@ -12,47 +12,73 @@ from fastapi import FastAPI
 from policy_server.errors import ConfigError
 from policy_server.executors import Executor
 from policy_server.executors.local import LocalExecutor
-from policy_server.loading import load_policy, load_policy_spec
-from policy_server.metrics import Metrics
+from policy_server.lifecycle import ExecutorFactory, Registry
+from policy_server.loading import ModelVersion, load_version
+from policy_server.metrics import Metrics, PolicyMetrics
 from policy_server.schema import BACKENDS, PolicySpec
 from policy_server.settings import Settings
 
 
 def build_app(settings: Settings) -> FastAPI:
-    from policy_server.api import Limits, SDKOptions, create_app  # the HTTP layer sits on top; nothing below imports it
+    from policy_server.http.app import Limits, SDKOptions, create_app  # the HTTP layer sits on top; nothing below imports it
 
-    spec = load_policy_spec(settings.policy_dir)
-    api_key = _api_key(spec, settings)
     metrics = Metrics() if settings.metrics_enabled else None
-    executor = create_executor(spec, settings, metrics)
-    sdks = SDKOptions(settings.sdk_cache_dir, settings.sdks_in_background)
-    limits = Limits(settings.max_body_bytes, settings.max_queue, settings.drain_timeout_s)
-    return create_app(spec, executor, api_key=api_key, limits=limits, metrics=metrics, sdks=sdks)
+    registry = Registry(
+        settings.policy_dir,
+        executor_factory(settings),
+        settings.max_queue,
+        metrics,
+        settings.default_policy,
+        admit=lambda spec: require_api_key(spec, settings),
+    )
+    registry.load()
+    return create_app(
+        registry,
+        auth_on=settings.auth_enabled,
+        limits=Limits(settings.max_body_bytes, settings.drain_timeout_s),
+        api_key=settings.api_key,
+        admin_key=settings.admin_key,
+        metrics=metrics,
+        sdks=SDKOptions(settings.sdk_cache_dir, settings.sdks_in_background),
+        watch_every_s=settings.watch_every_s,
+    )
 
 
-def _api_key(spec: PolicySpec, settings: Settings) -> str | None:
-    if not settings.auth_enabled:
-        return None
-    key = settings.api_key or spec.api_key
-    if not key:
+def require_api_key(spec: PolicySpec, settings: Settings) -> None:
+    if settings.auth_enabled and not (spec.api_key or settings.api_key):
         raise ConfigError(
             spec.path,
             "parameters.api_key",
             "no api key is configured",
             "set parameters.api_key or POLICY_SERVER_API_KEY (or POLICY_SERVER_AUTH=off to serve without auth)",
         )
-    return key
 
 
-def create_executor(spec: PolicySpec, settings: Settings, metrics: Metrics | None = None) -> Executor:
+def executor_factory(settings: Settings) -> ExecutorFactory:
+    """Builds each policy's executor: `local` loads the model here (blocking), `ray` deploys on start."""
+
+    def build(version: ModelVersion, metrics: PolicyMetrics | None) -> Executor:
+        return create_executor(version, settings, metrics)
+
+    return build
+
+
+def create_executor(version: ModelVersion, settings: Settings, metrics: PolicyMetrics | None = None) -> Executor:
     observe_batch = metrics.observe_batch if metrics is not None else None
+    spec = version.spec
     if choose_backend(spec, settings) == "ray":
         from policy_server.executors.ray import RayExecutor  # Ray takes seconds to import: only when asked for
 
-        return RayExecutor(spec, settings, observe_batch)
-    policy = load_policy(settings.policy_dir, spec, cache_dir=settings.model_cache_dir)
+        return RayExecutor(version, settings, observe_batch)
+    policy = load_version(version, cache_dir=settings.model_cache_dir)
     return LocalExecutor(
-        policy, spec.serving.max_batch_size, spec.serving.batch_wait_ms, settings.torch_threads, observe_batch, settings.inline_budget_ms
+        policy,
+        spec.serving.max_batch_size,
+        spec.serving.batch_wait_ms,
+        settings.torch_threads,
+        observe_batch,
+        settings.inline_budget_ms,
+        settings.model_cache_dir,
     )
 
 

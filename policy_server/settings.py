@@ -12,6 +12,7 @@ DEFAULT_MAX_QUEUE = 256  # requests waiting or running per policy; beyond, 503 (
 DEFAULT_DRAIN_S = 20.0  # under Kubernetes' default 30 s grace period (policy_server/drain.py)
 DEFAULT_REQUEST_TIMEOUT_S = 10.0  # a request's head and body must arrive within this (policy_server/protocol.py)
 DEFAULT_RAY_METRICS_PORT = 8080
+DEFAULT_WATCH_S = 2.0  # the repository is read again this often (policy_server/lifecycle.py)
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,10 @@ class Settings:
     """Everything the server takes from its environment rather than from schema.yaml."""
 
     policy_dir: Path
-    api_key: str | None = field(default=None, repr=False)  # overrides schema.yaml's api_key
+    api_key: str | None = field(default=None, repr=False)  # the key of policies whose schema.yaml names none
+    admin_key: str | None = field(default=None, repr=False)  # opens the operator routes; None: they are closed
+    default_policy: str | None = None  # the policy the root routes serve (None: the only one)
+    watch_every_s: float | None = DEFAULT_WATCH_S  # how often the repository is read again; None: never
     auth_enabled: bool = True
     backend: str | None = None  # overrides serving.backend
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -47,6 +51,9 @@ class Settings:
         return cls(
             policy_dir=Path(env.get("POLICY_SERVER_DIR") or Path.cwd()),
             api_key=env.get("POLICY_SERVER_API_KEY") or None,
+            admin_key=env.get("POLICY_SERVER_ADMIN_KEY") or None,
+            default_policy=env.get("POLICY_SERVER_DEFAULT") or None,
+            watch_every_s=_watch(env),
             auth_enabled=env.get("POLICY_SERVER_AUTH", "on").strip().lower() != "off",
             backend=env.get("POLICY_SERVER_BACKEND") or None,
             max_body_bytes=_positive_int(env, "POLICY_SERVER_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
@@ -94,3 +101,10 @@ def _number(env: Mapping[str, str], name: str, default: float, zero_allowed: boo
         kind = "a number ≥ 0" if zero_allowed else "a positive number"
         raise ConfigError("environment", name, f"{raw!r} is not {kind}", f"set {name} to e.g. {default}")
     return value
+
+
+def _watch(env: Mapping[str, str]) -> float | None:
+    """POLICY_SERVER_WATCH: "off", or the seconds between two reads of the repository."""
+    if env.get("POLICY_SERVER_WATCH", "").strip().lower() == "off":
+        return None
+    return _number(env, "POLICY_SERVER_WATCH", DEFAULT_WATCH_S)

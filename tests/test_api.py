@@ -19,9 +19,9 @@ from conftest import API_KEY, AUTH, MOUSE_OBSERVATION, MOUSE_SCHEMA, FixedLogits
 from fastapi.testclient import TestClient
 from servers import REPO, Server, free_port, running_server, uvicorn_command
 
-from policy_server.api import Limits, create_app
 from policy_server.errors import ConfigError
-from policy_server.loading import load_policy_spec
+from policy_server.http.app import Limits, create_app
+from policy_server.lifecycle import Registry
 from policy_server.policy import Result, Task
 from policy_server.server import build_app
 from policy_server.settings import Settings
@@ -704,9 +704,11 @@ class FakeExecutor:
 
 
 def test_ready_is_503_until_the_executor_is_ready(make_policy_dir: MakePolicyDir) -> None:
-    spec = load_policy_spec(make_policy_dir(MOUSE_SCHEMA, mlp(6, 4), 6))
+    folder = make_policy_dir(MOUSE_SCHEMA, mlp(6, 4), 6)
     executor = FakeExecutor()
-    app = create_app(spec, executor, api_key=API_KEY, limits=Limits(max_body_bytes=1024))
+    registry = Registry(folder, lambda version, metrics: executor, max_queue=8)
+    registry.load()
+    app = create_app(registry, auth_on=True, limits=Limits(max_body_bytes=1024, drain_timeout_s=1.0), api_key=API_KEY)
     client = TestClient(app, raise_server_exceptions=False)  # no lifespan: start() is not called
     for path in ("/ready", "/ready/"):
         response = client.get(path)

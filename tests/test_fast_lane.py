@@ -1,5 +1,5 @@
-"""The fast lane (policy_server/fast_lane.py): which requests it answers itself, which it hands to
-FastAPI untouched, and that both give the same answers on a real app."""
+"""The fast path of PredictionRoute (policy_server/http/routes.py): which requests it answers
+itself, which it hands to FastAPI's handler untouched, and that both answer alike on a real app."""
 
 import asyncio
 import json
@@ -9,15 +9,14 @@ from typing import Any
 import pytest
 from conftest import AUTH, MOUSE_OBSERVATION, MOUSE_SCHEMA, mlp, save_model, settings_for
 from fastapi.testclient import TestClient
-from pydantic import TypeAdapter
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from policy_server.errors import InputError, PolicyFailure
-from policy_server.fast_lane import FastLane, FastRoute
+from policy_server.errors import InputError
+from policy_server.http.routes import PredictionRoute
 from policy_server.server import build_app
 
-# --- the middleware alone, around an app that records what reaches it -----------------------
+# --- the route alone, FastAPI's handler replaced by an app that records what reaches it ------
 
 
 class RecordingApp:
@@ -38,11 +37,9 @@ async def _answer(body: dict[str, int], seed: int | None) -> Response:
     return Response(json.dumps({"answered": body, "seed": seed}), media_type="application/json")
 
 
-def _error_response(exc: InputError | PolicyFailure) -> Response:
-    return Response(f"error: {exc}", status_code=422)
-
-
-def _call(lane: FastLane, body: bytes, headers: dict[str, str], query: bytes = b"", path: str = "/p", method: str = "POST") -> Message:
+def _call(
+    lane: PredictionRoute, body: bytes, headers: dict[str, str], query: bytes = b"", path: str = "/p", method: str = "POST"
+) -> Message:
     """One request through the lane; the response's start message, with the body under "body"."""
     sent: list[Message] = []
     chunks = [body[:3], body[3:]]  # the body in two messages, as a server may deliver it
@@ -55,7 +52,7 @@ def _call(lane: FastLane, body: bytes, headers: dict[str, str], query: bytes = b
 
     raw_headers = [(k.encode(), v.encode()) for k, v in headers.items()]
     scope = {"type": "http", "method": method, "path": path, "query_string": query, "headers": raw_headers}
-    asyncio.run(lane(scope, receive, send))
+    asyncio.run(lane.handle(scope, receive, send))
     return sent[0] | {"body": b"".join(m.get("body", b"") for m in sent[1:])}
 
 
@@ -65,16 +62,20 @@ def inner() -> RecordingApp:
 
 
 @pytest.fixture
-def lane(inner: RecordingApp) -> FastLane:
-    route = FastRoute(TypeAdapter(dict[str, int]).validate_json, _answer)
-    return FastLane(inner, {"/p": route}, _error_response)
+def lane(inner: RecordingApp) -> PredictionRoute:
+    async def endpoint(body: dict[str, int], seed: int | None = None) -> Response:
+        return await _answer(body, seed)
+
+    route = PredictionRoute("/p", endpoint, methods=["POST"])
+    route.fastapi_app = inner
+    return route
 
 
 def _headers(body: bytes, **extra: str) -> dict[str, str]:
     return {"content-length": str(len(body)), **AUTH, **extra}
 
 
-def test_a_plain_request_is_answered_without_the_app(lane: FastLane, inner: RecordingApp) -> None:
+def test_a_plain_request_is_answered_without_the_app(lane: PredictionRoute, inner: RecordingApp) -> None:
     body = b'{"x": 1, "y": 2}'
     start = _call(lane, body, _headers(body), query=b"seed=42")
     assert start["status"] == 200 and json.loads(start["body"]) == {"answered": {"x": 1, "y": 2}, "seed": 42}
@@ -92,7 +93,7 @@ def test_a_plain_request_is_answered_without_the_app(lane: FastLane, inner: Reco
     ],
 )
 def test_anything_unusual_goes_to_the_app_with_its_body(
-    lane: FastLane, inner: RecordingApp, case: str, headers: dict[str, str] | None, query: bytes
+    lane: PredictionRoute, inner: RecordingApp, case: str, headers: dict[str, str] | None, query: bytes
 ) -> None:
     body = b'{"x": 1, "y": 2}'
     start = _call(lane, body, headers if headers is not None else _headers(body), query=query)
@@ -100,20 +101,13 @@ def test_anything_unusual_goes_to_the_app_with_its_body(
     assert inner.bodies in ([body], [body[:3]]), case  # untouched: the app reads it itself
 
 
-def test_a_body_that_fails_validation_reaches_the_app_whole(lane: FastLane, inner: RecordingApp) -> None:
+def test_a_body_that_fails_validation_reaches_the_app_whole(lane: PredictionRoute, inner: RecordingApp) -> None:
     body = b'{"x": "one"}'
     assert _call(lane, body, _headers(body))["status"] == 299
     assert inner.bodies == [body]  # read by the lane, replayed in one piece
 
 
-def test_other_paths_and_methods_are_not_the_lanes(lane: FastLane, inner: RecordingApp) -> None:
-    body = b'{"x": 1}'
-    assert _call(lane, body, _headers(body), path="/q")["status"] == 299
-    assert _call(lane, body, _headers(body), method="PUT")["status"] == 299
-    assert len(inner.bodies) == 2
-
-
-def test_the_policys_own_errors_are_answered_by_the_lane(lane: FastLane, inner: RecordingApp) -> None:
+def test_the_policys_own_errors_are_answered_by_the_lane(lane: PredictionRoute, inner: RecordingApp) -> None:
     body = b'{"x": -1}'
     start = _call(lane, body, _headers(body))
     assert start["status"] == 422 and b"x is -1" in start["body"]

@@ -216,8 +216,8 @@ def test_overload_is_shed_at_once_with_retry_after(make_policy_dir: MakePolicyDi
             assert "POLICY_SERVER_MAX_QUEUE" in response.json()["detail"]
     assert info["max_queue"] == 4
     assert info["shed"] == statuses[503]
-    assert f"policy_server_shed_requests_total {float(statuses[503])}" in metrics
-    assert "policy_server_queue_limit 4.0" in metrics
+    assert f'policy_server_shed_requests_total{{policy="{info["name"]}"}} {float(statuses[503])}' in metrics
+    assert f'policy_server_queue_limit{{policy="{info["name"]}"}} 4.0' in metrics
 
 
 # --- 10. stalled clients -----------------------------------------------------------------------

@@ -21,16 +21,18 @@ actions:
 
 
 def sample_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
-    """The value of one sample line of the Prometheus text format (0 if absent)."""
+    """The sum of the samples of `name` in the Prometheus text format whose labels include
+    `labels` (as PromQL's sum over the other labels; 0 if none)."""
     wanted = labels or {}
+    total = 0.0
     for line in text.splitlines():
         match = re.fullmatch(r"([a-z_:]+)(?:\{(.*)\})? (\S+)", line)
         if not match or match.group(1) != name:
             continue
         found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-        if all(found.get(k) == v for k, v in wanted.items()) and len(found) == len(wanted):
-            return float(match.group(3))
-    return 0.0
+        if all(found.get(k) == v for k, v in wanted.items()):
+            total += float(match.group(3))
+    return total
 
 
 def test_counts_after_known_traffic(serve: Callable[..., TestClient], make_policy_dir: MakePolicyDir) -> None:

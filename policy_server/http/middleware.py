@@ -1,14 +1,12 @@
-"""Pure ASGI middleware for what must hold before routing: canonical paths, JSON bodies, body size.
+"""What must hold of a request before it is routed (canonical paths) and before its body is read.
 
 Pure ASGI rather than BaseHTTPMiddleware: they run on every request, and cost a function call.
 """
 
-import json
-from collections.abc import Mapping
-from typing import Any
-
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from policy_server.http.errors import send_error
 
 
 class CanonicalPath:
@@ -34,27 +32,29 @@ class CanonicalPath:
         await self.app(scope, receive, send)
 
 
-class RequestBodyGuard:
+class BodyGuard:
     """Bodies are JSON (415 otherwise; a missing Content-Type is taken as JSON) and at most
-    `max_bytes`, declared or streamed (413 otherwise), each with a JSON `detail`."""
+    `max_bytes`, declared or streamed (413 otherwise), each with a JSON `detail`.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
+    Run by the route (routes.py) after the key check: a client without the key learns nothing,
+    not even that its body would have been refused."""
+
+    def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
+    async def admit(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
+        """The receive to read the body with, or None once the request was answered 415 or 413."""
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return receive
         content_type, length = _content_headers(scope)
         if content_type is None:  # curl -d without -H, many embedded clients: read it as JSON
-            scope = dict(scope, headers=[*scope["headers"], (b"content-type", b"application/json")])
+            scope["headers"] = [*scope["headers"], (b"content-type", b"application/json")]
         elif not _is_json(content_type):
             await send_error(send, 415, "Send the body as JSON, with the header 'Content-Type: application/json'.")
-            return
+            return None
         if length is not None and length > self.max_bytes:
             await send_error(send, 413, self._too_large())
-            return
+            return None
         received = 0
 
         async def counting_receive() -> Message:
@@ -66,7 +66,7 @@ class RequestBodyGuard:
                 raise HTTPException(413, self._too_large())
             return message
 
-        await self.app(scope, counting_receive, send)
+        return counting_receive
 
     def _too_large(self) -> str:
         return f"The body is over the limit of {self.max_bytes} bytes: send fewer observations per request, or raise POLICY_SERVER_MAX_BODY_BYTES."
@@ -85,17 +85,3 @@ def _content_headers(scope: Scope) -> tuple[str | None, int | None]:
 def _is_json(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or media.endswith("+json")
-
-
-async def send_error(send: Send, status: int, detail: Any, headers: Mapping[str, str] | None = None) -> None:
-    """Answer `{"detail": detail}` from pure ASGI middleware, before any route ran."""
-    body = json.dumps({"detail": detail}).encode()
-    extra = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (headers or {}).items()]
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})

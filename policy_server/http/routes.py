@@ -1,0 +1,123 @@
+"""The route classes: the key checked before the body, and a fast path for plain predictions.
+
+`GuardedRoute` runs its router's `KeyCheck` on the headers before anything reads the body, then
+hands the request to FastAPI's own handler (parsing JSON with orjson, `OrjsonRoute`).
+
+`PredictionRoute` adds the fast path. For a one-observation /predict, FastAPI's dependency
+solving and body handling cost more than the policy itself (figures in bench/RESULTS.md), and
+validating the body with the route's own pydantic validator costs a fraction of that. So when
+everything about a request is plain (a declared Content-Length, a body that validates, and no
+query but `?seed=N`), the route calls its endpoint itself, with the validated body. Anything else
+(a body that fails validation, other query parameters) goes to FastAPI's handler, body included,
+so every error is FastAPI's documented answer: one route table, one endpoint per route, errors
+mapped in errors.py.
+"""
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from starlette.datastructures import Headers
+from starlette.types import Message, Receive, Scope, Send
+
+from policy_server.admission import Overloaded
+from policy_server.errors import InputError, PolicyFailure
+from policy_server.http.errors import policy_error_response, send_error
+from policy_server.http.keys import KeyCheck, key_in
+from policy_server.http.middleware import BodyGuard
+from policy_server.json_io import OrjsonRoute
+
+_PLAIN_SEED = re.compile(rb"seed=(\d{1,20})")
+_MAX_SEED = 2**64 - 1
+_NOT_PLAIN = -1  # seeds are ≥ 0
+
+
+class GuardedRoute(OrjsonRoute):
+    """A route whose router's `KeyCheck` (if any) answers 401/403 before the body is read, and
+    whose body the app's `BodyGuard` checks (JSON, size) before anything parses it."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        self.key_check = next((d.dependency for d in self.dependencies if isinstance(d.dependency, KeyCheck)), None)
+        self.fastapi_app = self.app
+        self.app = self.serve
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.key_check is not None:
+            refusal = self.key_check.refusal(key_in(Headers(scope=scope)))
+            if refusal is not None:
+                status, detail = refusal
+                await send_error(send, status, detail, {"WWW-Authenticate": "Bearer"} if status == 401 else None)
+                return
+        body_guard: BodyGuard = scope["app"].state.body_guard
+        guarded_receive = await body_guard.admit(scope, receive, send)
+        if guarded_receive is not None:
+            await self.answer(scope, guarded_receive, send)
+
+    async def answer(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.fastapi_app(scope, receive, send)
+
+
+class PredictionRoute(GuardedRoute):
+    """A POST route of one JSON body and an optional `seed`: plain requests skip FastAPI's handler."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        (body,) = self.dependant.body_params
+        self.body_name = body.name
+        self.validate = TypeAdapter(body.field_info.annotation).validate_json
+
+    async def answer(self, scope: Scope, receive: Receive, send: Send) -> None:
+        seed = _plain_seed(scope["query_string"])
+        if seed == _NOT_PLAIN or not _declares_length(scope["headers"]):
+            await self.fastapi_app(scope, receive, send)  # the body is untouched: FastAPI reads it
+            return
+        body = await _read_body(receive)
+        try:
+            validated = self.validate(body)
+        except ValidationError:
+            await self.fastapi_app(scope, _replay(body, receive), send)  # FastAPI's 422, with its details
+            return
+        try:
+            response = await self.endpoint(**{self.body_name: validated, "seed": seed})
+        except (InputError, PolicyFailure, Overloaded) as exc:
+            response = policy_error_response(exc)
+        await response(scope, receive, send)
+
+
+def _declares_length(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name == b"content-length" for name, _ in headers)
+
+
+def _plain_seed(query: bytes) -> int | None:
+    """None for no query, the seed for exactly `seed=N` in range, _NOT_PLAIN for anything else."""
+    if not query:
+        return None
+    match = _PLAIN_SEED.fullmatch(query)
+    if match is None or int(match.group(1)) > _MAX_SEED:
+        return _NOT_PLAIN
+    return int(match.group(1))
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body once more, then the connection's own messages (a disconnect, say)."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
