@@ -26,7 +26,7 @@ from policy_server.errors import ConfigError, first_line
 from policy_server.executors import Executor
 from policy_server.loading import ModelVersion
 from policy_server.metrics import Metrics, PolicyMetrics
-from policy_server.repository import FileStamp, PolicySource, Snapshot, VersionSource, scan
+from policy_server.repository import FileStamp, PolicySource, Snapshot, VersionSource, read_policy, scan
 from policy_server.schema import PolicySpec
 
 logger = logging.getLogger("policy_server")
@@ -260,7 +260,7 @@ class Registry:
         """Serve `label` from now on (the rollback); raises VersionRejected if it cannot load."""
         async with self._lock:
             served = self.policies[name]
-            source = served.source
+            source = await asyncio.to_thread(read_policy, served.source.folder)  # as it is now, watched or not
             version = source.version(label)
             if version is None:
                 raise UnknownVersion(
@@ -281,6 +281,7 @@ class Registry:
             served.last_error = str(source.error)  # the schema or models/ as they are now: the loaded version serves on
             return
         served.note_versions_on_disk(source)
+        served.source = source
         label = served.chosen if served.chosen is not None and source.version(served.chosen) else None
         version = source.version(label) if label is not None else source.wanted
         if version is None or (version.label == served.active and source.stamps(version.label) == served.active_files):
