@@ -31,6 +31,7 @@ from policy_server.schema import PolicySpec
 
 logger = logging.getLogger("policy_server")
 
+RETIRE_GRACE_S = 1.0
 SETTLE_S = 0.25  # an operator's reload looks twice this far apart: a file still growing is not loaded
 
 
@@ -354,6 +355,7 @@ class Registry:
         served = self.policies.pop(name)
         if self.routes is not None:
             self.routes.remove(name)
+        await asyncio.sleep(RETIRE_GRACE_S)  # requests routed just before reach the executor, which answers them
         await served.executor.stop()
         logger.info("policy %s: retired (its folder is gone)", name)
 

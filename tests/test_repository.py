@@ -249,6 +249,26 @@ def test_the_operator_routes_are_closed_without_an_operator_key(repository: Path
         assert policies(client)["beta"]["active"] == "2"
 
 
+def test_a_file_still_being_written_is_not_loaded(repository: Path, staging: Path) -> None:
+    """A writer that ignores the README (writes in place, in pieces, slower than the watch) gets
+    its version loaded once the file stops changing, and never a failed half of it."""
+    save_model(version_model(3), staging / "model.pt2", 1)  # type: ignore[arg-type]
+    whole = (staging / "model.pt2").read_bytes()
+    target = repository / "alpha" / "models" / "3" / "model.pt2"
+    target.parent.mkdir()
+    with serving(repository) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+        pieces = 12
+        with target.open("wb") as file:
+            for piece in range(pieces):
+                file.write(whole[piece * len(whole) // pieces : (piece + 1) * len(whole) // pieces])
+                file.flush()
+                time.sleep(float(WATCH_S) / 2)  # two scans never see the same size
+                assert policies(client)["alpha"]["active"] == "1"
+        wait_for(lambda: policies(client)["alpha"]["active"] == "3", "version 3 active")
+        assert decide(client, "/predict_deterministic", key("alpha")) == (200, "3", 2)
+    assert "cannot be served" not in server.log
+
+
 # --- policies come and go; reload on demand ----------------------------------------------------
 
 
