@@ -137,6 +137,7 @@ class Registry:
         self.routes: RouteTable | None = None
         self.single = True
         self._seen: Snapshot | None = None
+        self._only_at_start: str | None = None
         self._lock = asyncio.Lock()
         self._watching: asyncio.Task[None] | None = None
 
@@ -150,6 +151,7 @@ class Registry:
         snapshot = scan(self.root)
         self.single = snapshot.single
         self._seen = snapshot
+        self._only_at_start = next(iter(snapshot.policies)) if len(snapshot.policies) == 1 else None
         if not snapshot.policies:
             raise ConfigError(
                 self.root,
@@ -172,11 +174,13 @@ class Registry:
 
     @property
     def default_name(self) -> str | None:
-        """The policy the root routes serve: POLICY_SERVER_DEFAULT, else the only one."""
+        """The policy the root routes serve: POLICY_SERVER_DEFAULT, else the only one on disk at
+        start (for one policy folder: the one it is now, renamed or not)."""
         if self.requested_default is not None:
             return self.requested_default
-        names = list(self.policies) or list(self._seen.policies if self._seen else [])
-        return names[0] if len(names) == 1 else None
+        if self.single and self._seen is not None:
+            return next(iter(self._seen.policies), None)
+        return self._only_at_start
 
     @property
     def default(self) -> ServedPolicy | None:
@@ -250,12 +254,21 @@ class Registry:
                 await asyncio.sleep(SETTLE_S)
             snapshot = await asyncio.to_thread(scan, self.root)
             previous, self._seen = self._seen, snapshot
+            served_folders = {served.source.folder: served for served in self.policies.values()}
             for source in snapshot.policies.values():
-                if previous is None or _settled(source, previous):
+                unreadable_served = served_folders.get(source.folder) if source.error is not None else None
+                if unreadable_served is not None:  # its schema cannot be read now: the loaded version serves on
+                    unreadable_served.last_error = str(source.error)
+                elif previous is None or _settled(source, previous):
                     await self._follow(source)
-            if not snapshot.single:
-                for name in [name for name in self.policies if name not in snapshot.policies]:
-                    await self._retire(name)
+            await self._retire_missing(snapshot)
+
+    async def _retire_missing(self, snapshot: Snapshot) -> None:
+        """Retire the policies whose folder is gone (or whose schema now names another policy)."""
+        unreadable = {source.folder for source in snapshot.policies.values() if source.error is not None}
+        for name in [name for name in self.policies if name not in snapshot.policies]:
+            if self.policies[name].source.folder not in unreadable:
+                await self._retire(name)
 
     async def activate(self, name: str, label: str) -> None:
         """Serve `label` from now on (the rollback); raises VersionRejected if it cannot load."""
@@ -279,7 +292,7 @@ class Registry:
                 await self._add(source)
             return
         if source.error is not None:
-            served.last_error = str(source.error)  # the schema or models/ as they are now: the loaded version serves on
+            served.last_error = str(source.error)  # models/ as it is now: the loaded version serves on
             return
         served.note_versions_on_disk(source)
         served.source = source
@@ -287,11 +300,11 @@ class Registry:
         version = source.version(label) if label is not None else source.wanted
         if version is None or (version.label == served.active and source.stamps(version.label) == served.active_files):
             return
+        if served.status(version.label).failed_on == source.stamps(version.label):
+            return  # failed on these very files: wait for them to change
         if version.error is not None:
             self._failed(served, version.label, str(version.error), source.stamps(version.label))
             return
-        if served.status(version.label).failed_on == source.stamps(version.label):
-            return  # failed on these very files: wait for them to change
         with contextlib.suppress(VersionRejected):  # logged, listed, counted: the active version serves on
             await self._switch(served, source, version)
 

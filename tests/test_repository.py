@@ -238,6 +238,17 @@ def test_a_broken_version_never_serves_and_the_operator_rolls_back(repository: P
     assert server.log.count("version 3 cannot be served") == 2
 
 
+def test_a_schema_that_cannot_be_read_leaves_the_loaded_version_serving(repository: Path) -> None:
+    with serving(repository) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+        (repository / "beta" / "schema.yaml").write_text("parameters: {discrete: maybe}\n")
+        wait_for(lambda: (policies(client)["beta"]["error"] or "").startswith(str(repository / "beta")), "the error listed")
+        time.sleep(3 * float(WATCH_S))
+        assert set(policies(client)) == {"alpha", "beta"}
+        assert "parameters.discrete" in policies(client)["beta"]["error"]
+        assert decide(client, "/policies/beta/predict_deterministic", key("beta")) == (200, "2", 1)
+    assert "retired" not in server.log
+
+
 def test_the_operator_routes_are_closed_without_an_operator_key(repository: Path) -> None:
     with serving(repository, POLICY_SERVER_ADMIN_KEY="") as server, httpx.Client(base_url=server.url, timeout=10) as client:
         for response in (
@@ -285,7 +296,7 @@ def test_a_new_policy_folder_is_served_and_a_removed_one_retired_without_a_resta
         assert client.post("/policies/beta/predict", json=OBSERVATION, headers=key("beta")).status_code == 404
         assert "/policies/beta/predict" not in client.get("/openapi.json").json()["paths"]
         assert decide(client, "/predict_deterministic", key("alpha")) == (200, "1", 0)
-    assert "policy beta: retired" in server.log
+        wait_for(lambda: "policy beta: retired" in server.read_log(), "beta's executor stopped")
 
 
 def test_with_the_watch_off_a_reload_asks_for_the_change(repository: Path, staging: Path) -> None:
