@@ -18,6 +18,8 @@ from conftest import constant_logits, save_model
 from servers import REPO, Server, free_port, run, running_server, serve_command
 from test_metrics import sample_value
 
+from policy_server.repository import scan
+
 ADMIN_KEY = "operator-secret-1"
 KEYS = {"alpha": "alpha-key-123", "beta": "beta-key-456"}
 WATCH_S = "0.3"
@@ -337,3 +339,46 @@ def test_an_unknown_default_is_a_one_line_start_up_error(repository: Path) -> No
     assert result.returncode == 1
     assert "policy-server: cannot start: environment: POLICY_SERVER_DEFAULT: no policy is named 'gamma'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- the scan alone: what counts as a policy and a version -------------------------------------
+
+
+def test_the_scan_reads_versions_and_refuses_ambiguous_layouts(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    make_policy(root, "alpha", [1, 2])
+    save_model(version_model(3), root / "alpha" / "models" / "10" / "model.pt2", 1)  # type: ignore[arg-type]
+    make_policy(root, "beta", [])
+    save_model(version_model(1), root / "beta" / "models" / "model.pt2", 1)  # type: ignore[arg-type]
+    (root / "alpha" / "models" / "11").mkdir()  # being copied: no model file yet
+    (root / "alpha" / "models" / "12.tmp").mkdir()  # not a number: not a version
+    (root / ".staging").mkdir()
+    (root / "notes").mkdir()  # no schema: not a policy
+    snapshot = scan(root)
+    assert not snapshot.single and set(snapshot.policies) == {"alpha", "beta"}
+    alpha = snapshot.policies["alpha"]
+    assert [version.label for version in alpha.versions] == ["1", "2", "10"]  # by number, not by text
+    assert alpha.wanted is not None and alpha.wanted.label == "10"
+    assert [version.label for version in snapshot.policies["beta"].versions] == ["1"]  # a bare file is version 1
+
+    save_model(version_model(2), root / "alpha" / "models" / "2" / "other.pt", 1)  # type: ignore[arg-type]
+    two = scan(root).policies["alpha"].version("2")
+    assert two is not None and two.error is not None and "several model files" in str(two.error)
+
+    (root / "beta" / "models" / "1").mkdir()
+    save_model(version_model(1), root / "beta" / "models" / "1" / "model.pt2", 1)  # type: ignore[arg-type]
+    beta = scan(root).policies["beta"]
+    assert beta.error is not None and "beside numbered version folders" in str(beta.error)
+
+    (root / "gamma").mkdir()
+    (root / "gamma" / "schema.yaml").write_text(schema("alpha", "k"))  # the name of another policy
+    clash = [source for source in scan(root).policies.values() if source.folder.name == "gamma"]
+    assert clash[0].error is not None and "also the name of" in str(clash[0].error)
+
+
+def test_one_policy_folder_is_a_repository_of_one(repository: Path) -> None:
+    snapshot = scan(repository / "beta")
+    assert snapshot.single and list(snapshot.policies) == ["beta"]
+    pinned = repository / "beta" / "schema.yaml"
+    pinned.write_text(schema("beta", "k") + "serving: {version: 1}\n")
+    assert scan(repository / "beta").policies["beta"].wanted.label == "1"  # type: ignore[union-attr]
