@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from policy_server.errors import ConfigError
 from policy_server.executors import Executor
 from policy_server.executors.local import LocalExecutor
-from policy_server.loading import load_policy, load_policy_spec
+from policy_server.loading import ModelVersion, load_policy, load_policy_spec
 from policy_server.metrics import Metrics
 from policy_server.schema import BACKENDS, PolicySpec
 from policy_server.settings import Settings
@@ -49,7 +49,7 @@ def create_executor(spec: PolicySpec, settings: Settings, metrics: Metrics | Non
     if choose_backend(spec, settings) == "ray":
         from policy_server.executors.ray import RayExecutor  # Ray takes seconds to import: only when asked for
 
-        return RayExecutor(spec, settings, observe_batch)
+        return RayExecutor(ModelVersion.of_folder(settings.policy_dir, spec), settings, observe_batch)
     policy = load_policy(settings.policy_dir, spec, cache_dir=settings.model_cache_dir)
     return LocalExecutor(
         policy, spec.serving.max_batch_size, spec.serving.batch_wait_ms, settings.torch_threads, observe_batch, settings.inline_budget_ms
