@@ -3,16 +3,18 @@
 
 In-process apps (TestClient) check that ray answers exactly as local does; `uvicorn app:app` and
 `generate.py serve` subprocesses check start-up, a replica killed under load, SIGTERM drained
-under load, and that SIGTERM leaves nothing behind.
+under load, and that SIGTERM leaves nothing behind. RayExecutor itself, under load, checks version
+switches: a rolling update that fails no request, a refused version, a rolled-back one.
 """
 
+import asyncio
 import json
 import os
 import random
 import re
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import replace
@@ -20,11 +22,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 import ray
 import torch
-from conftest import AUTH, MOUSE_OBSERVATION, MOUSE_SCHEMA, MakePolicyDir, mlp, mouse_observation, settings_for
+from conftest import (
+    AUTH,
+    MOUSE_OBSERVATION,
+    MOUSE_SCHEMA,
+    MakePolicyDir,
+    constant_logits,
+    mlp,
+    mouse_observation,
+    save_model,
+    settings_for,
+)
 from fastapi.testclient import TestClient
 from ray import serve as ray_serve
 from ray_support import (
@@ -44,9 +57,9 @@ from test_batch_isolation import CLIENTS, REQUESTS_PER_CLIENT, error_id_of, pois
 
 from policy_server import loading
 from policy_server.errors import ConfigError
-from policy_server.executors.ray import app_builder
-from policy_server.loading import load_policy_spec
-from policy_server.policy import Policy
+from policy_server.executors.ray import DeploymentFailed, RayExecutor, app_builder
+from policy_server.loading import SCHEMA_FILE, ModelVersion, load_policy_spec, load_version
+from policy_server.policy import Decisions, Kind, Policy, Result, Task
 from policy_server.server import build_app, choose_backend
 from policy_server.settings import Settings
 
@@ -64,6 +77,8 @@ def local_ray() -> Iterator[str]:
         # Unset, so ray.init turns token auth on itself: it sets RAY_AUTH_MODE=token (inherited by the
         # servers started from here) and reloads its config, read once at import.
         patch.delenv("RAY_AUTH_MODE", raising=False)
+        # Serve gives a version whose replicas fail to start 3 tries per replica: 1 is enough here.
+        patch.setenv("RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT", "1")
         context = ray.init(
             _node_ip_address=NODE_IP,
             include_dashboard=False,
@@ -239,7 +254,8 @@ def test_an_application_from_a_serve_config_is_used_and_left_running(
     local_ray: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What a KubeRay RayService does (deploy/kuberay-rayservice.yaml): Serve builds the application
-    with app_builder; the server finds it by the schema's name, uses it, and does not delete it."""
+    with app_builder; the server finds it by the schema's name, uses it, and does not delete it. Nor
+    does it switch its version: that is the Serve config's to say."""
     folder = policy_copy("mouse_and_cheese", tmp_path, "declared")
     monkeypatch.setenv("POLICY_SERVER_RAY_REPLICA_CPUS", str(REPLICA_CPUS))
     ray_serve.run(app_builder({"policy_dir": str(folder)}), name="declared", route_prefix=None)
@@ -250,9 +266,20 @@ def test_an_application_from_a_serve_config_is_used_and_left_running(
         with TestClient(build_app(settings_for(folder, **_ray_settings()))) as remote:
             _wait_ready(remote)
             assert _answers(remote, observations) == expected
+        with pytest.raises(ConfigError, match="'declared' was deployed from a Serve config file, not by this server"):
+            asyncio.run(_switch_once_started(RayExecutor(ModelVersion.of_folder(folder, load_policy_spec(folder)), settings_for(folder))))
         assert ray_serve.status().applications["declared"].status == "RUNNING"
     finally:
         ray_serve.delete("declared")
+
+
+async def _switch_once_started(executor: RayExecutor) -> None:
+    """Start `executor`, switch it to the version it runs, stop it."""
+    await executor.start()
+    try:
+        await executor.switch(executor.version)
+    finally:
+        await executor.stop()
 
 
 def test_the_backend_comes_from_the_environment_then_ray_address_then_the_schema(make_policy_dir: MakePolicyDir) -> None:
@@ -463,3 +490,204 @@ def _text(url: str) -> str:
         return httpx.get(url, timeout=10.0).text
     except httpx.HTTPError as exc:
         return repr(exc)
+
+
+# A version switch under load (DESIGN.md §10): a policy with two replicas, whose versions answer
+# differently, and a version whose model does not fit the schema.
+SWITCHING_SCHEMA = MOUSE_SCHEMA + "name: switching\nserving: {replicas: 2}\n"
+SWITCH_REPLICA_CPUS = 0.25  # two replicas, one more while they roll, and the check: beside the module's apps
+SWITCH_CLIENTS = 8
+REQUESTS_PER_SWITCH_CLIENT = 5000  # a bound far above what a switch takes
+ANSWERS_AFTER_SWITCH = 5  # per client, sent after switch() returned
+PAUSE_BETWEEN_REQUESTS_S = 0.05  # a steady load that leaves the two cores room to start replicas
+RUNNING_SAMPLED_EVERY_S = 0.2  # a replica starts in seconds: a dip in running replicas is seen
+DETERMINISTIC_TASK = Task(np.array([list(MOUSE_OBSERVATION.values())], dtype=np.float32), Kind.DETERMINISTIC)
+Outcome = tuple[str, Result | str]  # when it was sent (before, during or after the switch), and the result or the error
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelVersion]:
+    """One policy folder, models/1 and models/2 always choosing action 0 and 3, models/3 taking 5 values where the schema gives 6."""
+    folder = tmp_path_factory.mktemp("versions") / "switching"
+    folder.mkdir()
+    (folder / SCHEMA_FILE).write_text(SWITCHING_SCHEMA)
+    spec = load_policy_spec(folder)
+    models = {"1": (6, [4.0, 0.0, 0.0, 0.0]), "2": (6, [0.0, 0.0, 0.0, 4.0]), "3": (5, [4.0, 0.0, 0.0, 0.0])}
+    return {
+        label: ModelVersion(folder, spec, save_model(constant_logits(size, logits), folder / "models" / label / "model.pt2", size), label)
+        for label, (size, logits) in models.items()
+    }
+
+
+def _switching_executor(versions: dict[str, ModelVersion]) -> RayExecutor:
+    settings = settings_for(versions["1"].folder, **_ray_settings(ray_replica_cpus=SWITCH_REPLICA_CPUS))
+    return RayExecutor(versions["1"], settings)
+
+
+async def _under_load(executor: RayExecutor, action: Awaitable[None], outcomes: list[Outcome], running: list[int]) -> None:
+    """`action` while SWITCH_CLIENTS clients send DETERMINISTIC_TASK in a loop: it starts once the
+    clients had answers, and each client stops once it had ANSWERS_AFTER_SWITCH sent after it.
+    Meanwhile, Serve's count of RUNNING replicas is sampled into `running`."""
+    phase = ["before"]
+
+    async def sample_running() -> None:
+        while phase[0] == "during":
+            running.append(await asyncio.to_thread(_running_replicas, executor.app_name))
+            await asyncio.sleep(RUNNING_SAMPLED_EVERY_S)
+
+    async def client() -> None:
+        after = 0
+        for _ in range(REQUESTS_PER_SWITCH_CLIENT):
+            sent = phase[0]
+            try:
+                outcomes.append((sent, await executor.run(DETERMINISTIC_TASK)))
+            except Exception as exc:
+                outcomes.append((sent, repr(exc)))
+            after += sent == "after"
+            await asyncio.sleep(PAUSE_BETWEEN_REQUESTS_S)
+            if after == ANSWERS_AFTER_SWITCH:
+                return
+
+    clients = [asyncio.create_task(client()) for _ in range(SWITCH_CLIENTS)]
+    try:
+        for _ in range(600):  # 30 s at most
+            if len(outcomes) >= SWITCH_CLIENTS:
+                break
+            await asyncio.sleep(0.05)
+        phase[0] = "during"
+        sampler = asyncio.create_task(sample_running())
+        await action
+    finally:
+        phase[0] = "after"
+        await asyncio.gather(*clients, sampler)
+
+
+def _running_replicas(application: str) -> int:
+    return ray_serve.status().applications[application].deployments["PolicyDeployment"].replica_states.get("RUNNING", 0)
+
+
+def _failures(outcomes: list[Outcome]) -> list[Outcome]:
+    return [outcome for outcome in outcomes if isinstance(outcome[1], str)]
+
+
+def _versions_answering(outcomes: list[Outcome], sent: str) -> dict[str, int]:
+    answers = [result.version for when, result in outcomes if when == sent and isinstance(result, Decisions)]
+    return {label: answers.count(label) for label in sorted(set(answers))}
+
+
+def _expected_answers(versions: dict[str, ModelVersion]) -> dict[str, Result]:
+    return {label: load_version(versions[label]).run([DETERMINISTIC_TASK])[0] for label in ("1", "2")}
+
+
+def test_a_switch_rolls_the_replicas_onto_the_new_version_and_fails_no_request(local_ray: str, versions: dict[str, ModelVersion]) -> None:
+    """Two replicas of version 1, eight clients in a loop, switch to version 2: Serve's rolling update
+    replaces the replicas while every request gets its answer, from the version that computed it;
+    once switch() returned, every answer is version 2's, and both replicas run version 2."""
+
+    running: list[int] = []
+
+    async def scenario() -> tuple[set[int], list[Outcome], dict[str, Any], str]:
+        executor = _switching_executor(versions)
+        await executor.start()
+        try:
+            before = {replica["pid"] for replica in executor.describe()["replica_details"]}
+            outcomes: list[Outcome] = []
+            await _under_load(executor, executor.switch(versions["2"]), outcomes, running)
+            return before, outcomes, executor.describe(), ray_serve.status().applications["switching"].status
+        finally:
+            await executor.stop()
+
+    pids_before, outcomes, described, status = asyncio.run(scenario())
+    assert _failures(outcomes) == []
+    assert running and min(running) == 2  # new replicas ran before old ones left
+    assert set(_versions_answering(outcomes, "before")) == {"1"}
+    assert _versions_answering(outcomes, "after") == {"2": SWITCH_CLIENTS * ANSWERS_AFTER_SWITCH}
+    expected = _expected_answers(versions)
+    assert expected["1"] != expected["2"]
+    assert all(result == expected[result.version] for _, result in outcomes)  # type: ignore[union-attr]
+    assert status == "RUNNING"
+    assert described["version"] == "2" and described["replicas"] == 2
+    replicas = described["replica_details"]
+    assert [replica["version"] for replica in replicas] == ["2", "2"]
+    assert not {replica["pid"] for replica in replicas} & pids_before  # new replicas: the old ones left
+
+
+def test_a_version_that_does_not_fit_its_schema_is_refused_and_the_old_one_serves_on(
+    local_ray: str, versions: dict[str, ModelVersion]
+) -> None:
+    """Version 3's model takes 5 values where the schema gives 6: switch() raises the loader's own
+    ConfigError, found off the replicas; the application is not touched (the same replicas, RUNNING),
+    and the clients' requests, during and after, are all answered by version 1."""
+    with pytest.raises(ConfigError) as loader_error:
+        load_version(versions["3"])
+
+    running: list[int] = []
+
+    async def scenario() -> tuple[set[int], list[Outcome], BaseException | None, set[int], str]:
+        executor = _switching_executor(versions)
+        await executor.start()
+        refusal: BaseException | None = None
+        try:
+            before = {replica["pid"] for replica in executor.describe()["replica_details"]}
+            outcomes: list[Outcome] = []
+            try:
+                await _under_load(executor, executor.switch(versions["3"]), outcomes, running)
+            except ConfigError as error:
+                refusal = error
+            await executor._describe_replicas()
+            after = {replica["pid"] for replica in executor.describe()["replica_details"]}
+            return before, outcomes, refusal, after, ray_serve.status().applications["switching"].status
+        finally:
+            await executor.stop()
+
+    pids_before, outcomes, refusal, pids_after, status = asyncio.run(scenario())
+    assert isinstance(refusal, ConfigError) and str(refusal) == str(loader_error.value)
+    assert "takes 5 input values but schema.yaml describes 6" in str(refusal)
+    assert _failures(outcomes) == []
+    assert set(running) <= {2}
+    assert set(_versions_answering(outcomes, "during")) <= {"1"}
+    assert _versions_answering(outcomes, "after") == {"1": SWITCH_CLIENTS * ANSWERS_AFTER_SWITCH}
+    assert status == "RUNNING" and pids_after == pids_before and len(pids_before) == 2
+
+
+def test_replicas_failing_on_a_version_that_passed_the_check_roll_back_to_the_old_one(
+    local_ray: str, versions: dict[str, ModelVersion], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As when a version loads in the check but not on the replicas (a GPU out of memory, say): the
+    check skipped, version 3's replicas fail until Serve gives the rolling update up. The one old
+    replica serves meanwhile, switch() raises with the replicas' error, and the application is
+    rolled back: RUNNING on version 1, as every answer was. One replica: Serve gives up sooner."""
+    one_replica = {
+        label: replace(version, spec=replace(version.spec, serving=replace(version.spec.serving, replicas=1)))
+        for label, version in versions.items()
+    }
+
+    async def check_passed(version: ModelVersion) -> None:
+        pass
+
+    running: list[int] = []
+
+    async def scenario() -> tuple[list[Outcome], BaseException | None, dict[str, Any], str]:
+        executor = _switching_executor(one_replica)
+        monkeypatch.setattr(executor, "_check_loads", check_passed)
+        await executor.start()
+        failure: BaseException | None = None
+        try:
+            outcomes: list[Outcome] = []
+            try:
+                await _under_load(executor, executor.switch(one_replica["3"]), outcomes, running)
+            except DeploymentFailed as error:
+                failure = error
+            return outcomes, failure, executor.describe(), ray_serve.status().applications["switching"].status
+        finally:
+            await executor.stop()
+
+    outcomes, failure, described, status = asyncio.run(scenario())
+    assert isinstance(failure, DeploymentFailed)
+    assert "takes 5 input values but schema.yaml describes 6" in str(failure)
+    assert _failures(outcomes) == []
+    assert running and min(running) == 1  # the old replica stayed until the new one would have run
+    assert set(_versions_answering(outcomes, "during")) == {"1"}
+    assert _versions_answering(outcomes, "after") == {"1": SWITCH_CLIENTS * ANSWERS_AFTER_SWITCH}
+    assert status == "RUNNING"
+    assert described["version"] == "1" and [replica["version"] for replica in described["replica_details"]] == ["1"]

@@ -8,6 +8,11 @@ Ray: started here (a local instance, node address `POLICY_SERVER_RAY_NODE_IP`, i
 `POLICY_SERVER_RAY_METRICS_PORT`) or joined (`RAY_ADDRESS`). Serve runs without its HTTP proxy:
 the FastAPI app is the only way in. On stop, a Ray we started is shut down with Serve; a cluster
 we joined keeps running, less our application.
+
+Each policy is its own Serve application, named as the policy. A version switch first loads the
+new version in a one-off Ray task (a version that does not fit its schema never reaches the
+application), then redeploys the application with it: Serve's rolling update, which with a surge
+starts new replicas and stops an old one only once a new one runs (DESIGN.md §10).
 """
 
 import asyncio
@@ -31,12 +36,11 @@ from ray.serve.config import ProxyLocation
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
 
-from policy_server.errors import InputError, PolicyFailure
+from policy_server.errors import ConfigError, InputError, PolicyFailure
 from policy_server.executors import run_isolating_failures
-from policy_server.loading import load_policy, load_policy_spec
+from policy_server.loading import ModelVersion, load_policy_spec, load_version
 from policy_server.policy import Decisions, Distributions, Result, Task
 from policy_server.runtimes import gpu_memory
-from policy_server.schema import PolicySpec
 from policy_server.settings import Settings
 
 logger = logging.getLogger("policy_server")
@@ -47,8 +51,12 @@ PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # policy_server/
 DESCRIBE_EVERY_S = 5.0
 # Routing picks replicas at random, so one describe call per replica may miss some.
 DESCRIBE_CALLS_PER_REPLICA = 4
+DESCRIBE_AGAIN_AFTER_S = 0.2  # after a switch, while some new replica has not answered yet
 # Ray's and Serve's connections are per process, and setting them up is not thread-safe.
 _SETUP_LOCK = threading.Lock()
+# Extra replicas a rolling update may start beyond `serving.replicas` (rounded up, so at least one):
+# an old replica leaves only once a new one runs. Serve updates 20% of the replicas at a time.
+ROLLING_SURGE_PERCENT = 20
 
 
 @dataclass(frozen=True)
@@ -87,14 +95,14 @@ class Answer:
 class PolicyDeployment:
     """One replica: the policy on this replica's device, answering batches of tasks."""
 
-    def __init__(self, policy_dir: Path, spec: PolicySpec, torch_threads: int) -> None:
+    def __init__(self, version: ModelVersion, torch_threads: int) -> None:
         torch.set_num_threads(torch_threads)
         device = "cuda" if ray.get_gpu_ids() else "cpu"
-        self.policy = load_policy(policy_dir, spec, device)
+        self.policy = load_version(version, device)
         self.policy.warm_up()
         self.rows_answered = 0
-        self.run.set_max_batch_size(spec.serving.max_batch_size)
-        self.run.set_batch_wait_timeout_s(spec.serving.batch_wait_ms / 1000)
+        self.run.set_max_batch_size(version.spec.serving.max_batch_size)
+        self.run.set_batch_wait_timeout_s(version.spec.serving.batch_wait_ms / 1000)
 
     @serve.batch  # sizes come from the schema, set in __init__
     async def run(self, tasks: list[Task]) -> list[Answer]:
@@ -121,9 +129,10 @@ def _writable(task: Task) -> Task:
     return task if task.rows.flags.writeable else replace(task, rows=task.rows.copy())
 
 
-def policy_application(spec: PolicySpec, settings: Settings) -> serve.Application:
-    """The deployment as schema.yaml's serving section says; `num_gpus: auto` is 1 per replica if the cluster has GPUs."""
-    serving = spec.serving
+def policy_application(version: ModelVersion, settings: Settings) -> serve.Application:
+    """The deployment of `version`, as its schema.yaml's serving section says; `num_gpus: auto` is 1
+    per replica if the cluster has GPUs."""
+    serving = version.spec.serving
     num_gpus = serving.num_gpus
     if num_gpus == "auto":
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
@@ -131,8 +140,14 @@ def policy_application(spec: PolicySpec, settings: Settings) -> serve.Applicatio
         num_replicas=serving.replicas,
         # room for one batch being computed and the next one filling
         max_ongoing_requests=2 * serving.max_batch_size,
+        max_surge_percent=ROLLING_SURGE_PERCENT,
         ray_actor_options={"num_cpus": settings.ray_replica_cpus, "num_gpus": num_gpus},
-    ).bind(settings.policy_dir.resolve(), spec, settings.torch_threads)
+    ).bind(_located(version), settings.torch_threads)
+
+
+def _located(version: ModelVersion) -> ModelVersion:
+    """`version` with absolute paths: replicas and tasks have their own working folder."""
+    return replace(version, folder=version.folder.resolve(), model_file=version.model_file.resolve())
 
 
 def app_builder(args: dict[str, str]) -> serve.Application:
@@ -142,7 +157,17 @@ def app_builder(args: dict[str, str]) -> serve.Application:
     settings = Settings.from_env()
     if args.get("policy_dir"):
         settings = replace(settings, policy_dir=Path(args["policy_dir"]))
-    return policy_application(load_policy_spec(settings.policy_dir), settings)
+    return policy_application(ModelVersion.of_folder(settings.policy_dir, load_policy_spec(settings.policy_dir)), settings)
+
+
+def _load_problem(version: ModelVersion) -> tuple[str, str, str, str] | None:
+    """Run as a Ray task: None if `version` loads and fits its schema, else the ConfigError's fields
+    (an exception crosses processes as its message only, and ConfigError is built from its fields)."""
+    try:
+        load_version(version)
+    except ConfigError as error:
+        return error.path, error.key, error.problem, error.fix
+    return None
 
 
 class DeploymentFailed(RuntimeError):
@@ -159,11 +184,11 @@ class RayExecutor:
     backend = "ray"
     starts_in_background = True  # Ray takes many seconds to start: serve /health and /ready meanwhile
 
-    def __init__(self, spec: PolicySpec, settings: Settings, observe_batch: Callable[[int, float], None] | None = None) -> None:
-        self.spec = spec
+    def __init__(self, version: ModelVersion, settings: Settings, observe_batch: Callable[[int, float], None] | None = None) -> None:
+        self.version = version  # the one deployed, or being deployed
         self.settings = settings
         self.observe_batch = observe_batch
-        self.app_name = spec.name
+        self.app_name = version.spec.name
         self._mode: RayMode | None = None
         self._handle: DeploymentHandle | None = None
         self._deployed = False  # by us; False also when the application was running already
@@ -186,6 +211,43 @@ class RayExecutor:
             self._ready = True
         finally:
             self._started.set()
+
+    async def switch(self, version: ModelVersion) -> None:
+        """Check that `version` loads, then roll the application onto it; return once every replica runs it.
+
+        Requests go on meanwhile, through the same handle; each answer names the version of the
+        replica that computed it. A version that does not fit its schema raises the loader's
+        `ConfigError` and never reaches the application. If its replicas fail all the same (a
+        GPU out of memory, say), the application is rolled back to the active version and
+        `DeploymentFailed` raised: the replicas that survived serve meanwhile.
+        """
+        await self._started.wait()
+        if self._handle is None:
+            raise DeploymentFailed(f"the application {self.app_name!r} did not start: there is no version to switch from")
+        if not self._deployed:
+            raise ConfigError(
+                self.version.spec.path,
+                "version",
+                f"the Ray Serve application {self.app_name!r} was deployed from a Serve config file, not by this server",
+                "change the version in that Serve config (its args.policy_dir)",
+            )
+        await self._check_loads(version)
+        try:
+            await asyncio.to_thread(self._roll_to, version)
+        except DeploymentFailed as failure:
+            logger.error("version %s failed on the replicas (%s): rolling back to version %s", version.label, failure, self.version.label)
+            await asyncio.to_thread(self._roll_to, self.version)
+            await self._describe_replicas(forget_earlier=True)
+            raise
+        self.version = version
+        await self._describe_replicas(forget_earlier=True)
+
+    async def _check_loads(self, version: ModelVersion) -> None:
+        """Load `version` in a one-off Ray task, off the replicas: its ConfigError if it does not fit its schema."""
+        check = ray.remote(num_cpus=self.settings.ray_replica_cpus, max_retries=0)(_load_problem)
+        problem = await check.remote(_located(version))
+        if problem is not None:
+            raise ConfigError(*problem)
 
     async def stop(self) -> None:
         """Delete our deployment (with Serve and Ray too, if we started them)."""
@@ -210,9 +272,14 @@ class RayExecutor:
         """What the replicas said of themselves, at most DESCRIBE_EVERY_S ago."""
         replicas = sorted(self._replicas.values(), key=lambda replica: replica["replica"])
         first = replicas[0] if replicas else {}
-        policy = {key: first[key] for key in ("model", "format", "sha256", "device", "input_size", "heads", "gpu_memory") if key in first}
+        policy = {
+            key: first[key]
+            for key in ("model", "format", "sha256", "version", "device", "input_size", "heads", "gpu_memory")
+            if key in first
+        }
         details = [
-            {key: replica[key] for key in ("replica", "node_id", "pid", "device", "gpu_memory", "rows_answered")} for replica in replicas
+            {key: replica[key] for key in ("replica", "node_id", "pid", "version", "device", "gpu_memory", "rows_answered")}
+            for replica in replicas
         ]
         return policy | {"backend": self.backend, "replicas": self._running, "replica_details": details}
 
@@ -241,10 +308,20 @@ class RayExecutor:
                 self._handle = serve.get_app_handle(self.app_name)
                 return
             self._deployed = True
-            try:
-                self._handle = serve.run(policy_application(self.spec, self.settings), name=self.app_name, route_prefix=None)
-            except RuntimeError as exc:
-                raise DeploymentFailed(f"{exc} {self._failure_reason()}") from None
+            self._handle = self._run_application(self.version)
+
+    def _roll_to(self, version: ModelVersion) -> None:
+        """Blocking (in a thread): our application onto `version`, by Serve's rolling update."""
+        with _SETUP_LOCK:
+            self._run_application(version)
+
+    def _run_application(self, version: ModelVersion) -> DeploymentHandle:
+        """Deploy `version` as our application, or roll the application onto it; return once all
+        its replicas run it. The caller holds _SETUP_LOCK (serve.run connects to Serve)."""
+        try:
+            return serve.run(policy_application(version, self.settings), name=self.app_name, route_prefix=None)
+        except RuntimeError as exc:
+            raise DeploymentFailed(f"{exc} {self._failure_reason()}") from None
 
     def _failure_reason(self) -> str:
         """The last line of Serve's message on our deployment: the replicas' error, e.g. a ConfigError."""
@@ -286,17 +363,29 @@ class RayExecutor:
             except Exception as exc:  # a replica being replaced, say: /info keeps what it had
                 logger.warning("the replicas could not describe themselves: %s", exc)
 
-    async def _describe_replicas(self) -> None:
-        """Ask every running replica (as far as random routing reaches) to describe itself."""
-        assert self._handle is not None
+    async def _describe_replicas(self, forget_earlier: bool = False) -> None:
+        """Ask every running replica (as far as routing reaches) to describe itself.
+
+        `forget_earlier` after a switch: the replicas seen before are gone, and the handle learns
+        of the new ones a moment after Serve reports them running, so ask again until every one
+        answered (for DESCRIBE_EVERY_S at most; the periodic describe sees the rest)."""
         self._running = running = await asyncio.to_thread(self._running_replicas)
-        calls = max(1, running) * DESCRIBE_CALLS_PER_REPLICA
-        answers = await asyncio.gather(*(self._handle.describe.remote() for _ in range(calls)))
-        seen = {answer["replica"]: answer | {"seen": time.monotonic()} for answer in answers}
-        replicas = {**self._replicas, **seen}
+        seen = await self._ask_replicas(running)
+        deadline = time.monotonic() + DESCRIBE_EVERY_S
+        while forget_earlier and len(seen) < running and time.monotonic() < deadline:
+            await asyncio.sleep(DESCRIBE_AGAIN_AFTER_S)
+            seen |= await self._ask_replicas(running)
+        replicas = seen if forget_earlier else {**self._replicas, **seen}
         # the `running` most recently seen: a replica that died is no longer seen once replaced
         latest = sorted(replicas.values(), key=lambda replica: replica["seen"], reverse=True)[: max(1, running)]
         self._replicas = {replica["replica"]: replica for replica in latest}
+
+    async def _ask_replicas(self, running: int) -> dict[str, dict[str, Any]]:
+        """Replica id → its describe(), of those DESCRIBE_CALLS_PER_REPLICA calls per replica reached."""
+        assert self._handle is not None
+        calls = max(1, running) * DESCRIBE_CALLS_PER_REPLICA
+        answers = await asyncio.gather(*(self._handle.describe.remote() for _ in range(calls)))
+        return {answer["replica"]: answer | {"seen": time.monotonic()} for answer in answers}
 
     def _running_replicas(self) -> int:
         application = serve.status().applications[self.app_name]
