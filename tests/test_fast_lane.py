@@ -4,6 +4,7 @@ itself, which it hands to FastAPI's handler untouched, and that both answer alik
 import asyncio
 import json
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from policy_server.errors import InputError
+from policy_server.http.middleware import BodyGuard
 from policy_server.http.routes import PredictionRoute
 from policy_server.server import build_app
 
@@ -51,7 +53,8 @@ def _call(
         sent.append(message)
 
     raw_headers = [(k.encode(), v.encode()) for k, v in headers.items()]
-    scope = {"type": "http", "method": method, "path": path, "query_string": query, "headers": raw_headers}
+    app = SimpleNamespace(state=SimpleNamespace(body_guard=BodyGuard(1 << 20)))  # what the route reads of its app
+    scope = {"type": "http", "method": method, "path": path, "query_string": query, "headers": raw_headers, "app": app}
     asyncio.run(lane.handle(scope, receive, send))
     return sent[0] | {"body": b"".join(m.get("body", b"") for m in sent[1:])}
 

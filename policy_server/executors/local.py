@@ -113,6 +113,7 @@ class LocalExecutor:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
+        torch.set_num_threads(self.torch_threads)  # per thread: here for the batches run on the loop, in _prepare for the worker's
         self._active = await self._loop.run_in_executor(self._worker, self._prepare, self.policy)
         self._idle.set()
         self._ready = True
