@@ -32,7 +32,7 @@ INT_LIMIT = 2**53 - 1
 # names, any string (a field called "model_config" or "max-speed" works too). Extra keys are
 # dropped: the original's clients send every observation they have.
 # Strict: a value is taken only in the JSON type the spec gives it (a float field takes JSON
-# numbers, not true or "3"; a bool field only true and false), on the fast lane and on the slow path.
+# numbers, not true or "3"; a bool field only true and false), on the fast path and on the slow path.
 _OBSERVATION_CONFIG = ConfigDict(allow_inf_nan=False, extra="ignore", strict=True)
 
 
