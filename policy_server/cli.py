@@ -12,10 +12,11 @@ from typing import Any, NoReturn
 from pydantic import TypeAdapter
 
 from policy_server.clients import LANGUAGES, ClientSDKError, write_clients
-from policy_server.errors import ConfigError
-from policy_server.loading import SCHEMA_FILE, load_policy, load_policy_spec, model_file
+from policy_server.errors import ConfigError, first_line
+from policy_server.loading import SCHEMA_FILE, ModelVersion, load_policy, load_policy_spec, load_version, model_file
 from policy_server.observations import RowEncoder, example_observation, observation_model
 from policy_server.policy import Kind, Task
+from policy_server.repository import MODELS_DIR, PolicySource, Snapshot, VersionSource, scan
 from policy_server.runtimes import MODEL_SUFFIXES
 from policy_server.settings import Settings
 
@@ -53,29 +54,26 @@ class Commands:
         print(f"removed the policy files and generated files from {root.resolve()}")
 
     def validate(self, directory: str = ".") -> None:
-        """Check a policy folder as the server would; print its input size, heads and model format.
+        """Check a policy folder, or a repository of them, as the server would; print each one's input size, heads and model format.
+
+        In a repository (or a policy with numbered versions, models/1/, models/2/, ...) every policy and
+        every version is checked, and each policy says which version it would serve. One line per problem;
+        exit code 1 if any.
 
         Args:
-            directory: the folder with schema.yaml and models/ (default: here)
+            directory: the folder with schema.yaml and models/, or a folder of such folders (default: here)
         """
+        root = Path(directory)
         try:
-            spec = load_policy_spec(Path(directory))
-            policy = load_policy(Path(directory), spec)
+            snapshot = _policies_in(root)
         except ConfigError as error:
             _fail(f"invalid: {error}")
-        info = policy.describe()
-        print(f"ok: {spec.name} from {spec.path}")
-        print(f"model: {info['model']} ({info['format']}), input size {info['input_size']}")
-        for head in info["heads"]:
-            shape = f"{head['n']} actions" if head["kind"] == "discrete" else f"{head['size']} value(s)"
-            labels = f" {head['labels']}" if head.get("labels") else ""
-            print(f"head {head['name']}: {head['kind']}, {shape}{labels}")
-        if spec.observations is not None:
-            observation = TypeAdapter(observation_model(spec)).validate_python(example_observation(spec))
-            decisions = policy.run([Task(RowEncoder(spec).encode([observation]), Kind.DETERMINISTIC)])[0]
-            assert not isinstance(decisions, Exception)
-            print(f"example observation {json.dumps(example_observation(spec))}")
-            print(f"→ deterministic actions {decisions.actions[0]}, probability {decisions.probabilities[0]}")
+        problems = 0
+        for source in snapshot.policies.values():
+            headed = not snapshot.single or len(source.versions) > 1
+            problems += _validate_policy(source, headed)
+        if problems:
+            raise SystemExit(1)
 
     def import_sb3(
         self,
@@ -214,6 +212,90 @@ def _openapi(directory: str) -> tuple[dict[str, Any], str]:
     except ConfigError as error:
         _fail(f"invalid: {error}")
     return app.openapi(), name
+
+
+def _policies_in(root: Path) -> Snapshot:
+    """What the server would find in `root`: one policy folder, or the policy folders in it."""
+    snapshot = scan(root)
+    if not snapshot.policies:
+        raise ConfigError(
+            root / SCHEMA_FILE,
+            "file",
+            "not found, nor in any of its sub-folders",
+            "run in the policy's folder (or a folder of policy folders), or: python generate.py copy_server_files examples/mouse_and_cheese",
+        )
+    return snapshot
+
+
+def _validate_policy(source: PolicySource, headed: bool) -> int:
+    """Check every version of the policy, printing each one's description or its one-line problem;
+    `headed`: under a line naming the policy and the version it would serve. The number of problems."""
+    if source.error is not None:
+        return _invalid(source.error)
+    assert source.spec is not None
+    problems = 0
+    if headed:
+        print(f"policy {source.name} ({source.folder}): {_serving_line(source)}")
+    if source.wanted is None:
+        problems += _invalid(_no_version_to_serve(source))
+    for version in source.versions:
+        try:
+            lines = _check_version(source, version, headed)
+        except ConfigError as error:
+            problems += _invalid(error)
+            continue
+        indent = "  " if headed else ""
+        print("\n".join(f"{indent}{line}" for line in lines))
+    return problems
+
+
+def _serving_line(source: PolicySource) -> str:
+    labels = ", ".join(version.label for version in source.versions) or "none"
+    wanted = source.wanted
+    if wanted is None:
+        return f"versions {labels}; none to serve"
+    why = "pinned by serving.version" if source.spec is not None and source.spec.serving.version is not None else "the highest"
+    return f"versions {labels}; would serve version {wanted.label} ({why})"
+
+
+def _no_version_to_serve(source: PolicySource) -> ConfigError:
+    assert source.spec is not None
+    pinned = source.spec.serving.version
+    if pinned is None:
+        return ConfigError(source.folder / MODELS_DIR, "model", "no version folder holds a model file", "put one model file in models/1/")
+    held = ", ".join(version.label for version in source.versions)
+    return ConfigError(source.spec.path, "serving.version", f"pins version {pinned}; models/ holds {held}", "pin a version models/ holds")
+
+
+def _check_version(source: PolicySource, version: VersionSource, named: bool) -> list[str]:
+    """Load the version as the server would and run the example observation: what it is, as lines
+    (the first naming the version and its file if `named`, else the schema as for one policy)."""
+    if version.error is not None:
+        raise version.error
+    spec, model = source.spec, version.model_file
+    assert spec is not None and model is not None
+    policy = load_version(ModelVersion(source.folder, spec, model, version.label))
+    info = policy.describe()
+    title = f"{spec.name} version {version.label} from {model}" if named else f"{spec.name} from {spec.path}"
+    lines = [f"ok: {title}", f"model: {info['model']} ({info['format']}), input size {info['input_size']}"]
+    for head in info["heads"]:
+        shape = f"{head['n']} actions" if head["kind"] == "discrete" else f"{head['size']} value(s)"
+        labels = f" {head['labels']}" if head.get("labels") else ""
+        lines.append(f"head {head['name']}: {head['kind']}, {shape}{labels}")
+    if spec.observations is not None:
+        example = example_observation(spec)
+        observation = TypeAdapter(observation_model(spec)).validate_python(example)
+        decisions = policy.run([Task(RowEncoder(spec).encode([observation]), Kind.DETERMINISTIC)])[0]
+        if isinstance(decisions, Exception):
+            raise ConfigError(model, "model", f"fails on the example observation ({first_line(decisions)})", "check the model on it")
+        lines.append(f"example observation {json.dumps(example)}")
+        lines.append(f"→ deterministic actions {decisions.actions[0]}, probability {decisions.probabilities[0]}")
+    return lines
+
+
+def _invalid(error: ConfigError) -> int:
+    print(f"invalid: {error}", file=sys.stderr)
+    return 1
 
 
 def _comma_list(value: str | Sequence[str]) -> list[str]:

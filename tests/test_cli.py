@@ -1,12 +1,14 @@
 """`python generate.py COMMAND` (DESIGN.md section 7), run as a subprocess the way users run it."""
 
 import json
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from conftest import MOUSE_SCHEMA, MakePolicyDir, mlp, save_model
 from servers import generate
+from test_repository import make_policy
 
 COMMANDS = ("copy_server_files", "clean", "validate", "openapi", "clients", "import_sb3", "export_onnx", "serve")
 
@@ -98,6 +100,79 @@ def test_validate_a_broken_folder_fails_in_one_line(make_policy_dir: MakePolicyD
         for word in expected[case]:
             assert word in lines[0], (case, word, lines[0])
         assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Path:
+    """Two policies: alpha with one version, beta with two (version N answers action N - 1)."""
+    root = tmp_path / "policies"
+    make_policy(root, "alpha", [1])
+    make_policy(root, "beta", [1, 2])
+    return root
+
+
+def stderr_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def test_validate_a_repository_checks_every_policy_and_version(repository: Path) -> None:
+    result = generate("validate", str(repository))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"policy alpha ({repository / 'alpha'}): versions 1; would serve version 1 (the highest)" in out
+    assert f"policy beta ({repository / 'beta'}): versions 1, 2; would serve version 2 (the highest)" in out
+    for name, version in (("alpha", 1), ("beta", 1), ("beta", 2)):
+        assert f"  ok: {name} version {version} from {repository / name / 'models' / str(version) / 'model.pt2'}\n" in out
+    assert out.count("→ deterministic actions") == 3
+    assert "→ deterministic actions [1]" in out  # beta's version 2, run on the example observation
+    assert result.stderr == ""
+
+
+def test_validate_a_repository_with_a_broken_version_fails_in_one_line(repository: Path) -> None:
+    broken = repository / "beta" / "models" / "3" / "model.pt2"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a model")
+    result = generate("validate", str(repository))
+    assert result.returncode == 1
+    (line,) = stderr_lines(result)
+    assert line.startswith(f"invalid: {broken}: model: ") and "does not load" in line and "; fix: " in line
+    assert "would serve version 3 (the highest)" in result.stdout  # what the server would try: the watcher keeps 2 serving
+    assert "ok: beta version 2 from " in result.stdout and "ok: alpha version 1 from " in result.stdout  # the rest is still checked
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_validate_names_the_pinned_version(repository: Path) -> None:
+    schema = repository / "beta" / "schema.yaml"
+    schema.write_text(schema.read_text() + "serving: {version: 1}\n")
+    pinned = generate("validate", str(repository))
+    assert pinned.returncode == 0, pinned.stderr
+    assert "policy beta " in pinned.stdout and "versions 1, 2; would serve version 1 (pinned by serving.version)" in pinned.stdout
+
+    schema.write_text(schema.read_text().replace("version: 1}", "version: 7}"))
+    missing = generate("validate", str(repository))
+    assert missing.returncode == 1
+    (line,) = stderr_lines(missing)
+    assert line == f"invalid: {schema}: serving.version: pins version 7; models/ holds 1, 2; fix: pin a version models/ holds"
+    assert "ok: beta version 2 from " in missing.stdout
+
+
+def test_validate_a_repository_with_a_broken_policy(repository: Path) -> None:
+    (repository / "gamma" / "models").mkdir(parents=True)
+    (repository / "gamma" / "schema.yaml").write_text(MOUSE_SCHEMA.replace("mouse_col: {type: float", "mouse_col: {type: Matrix"))
+    result = generate("validate", str(repository))
+    assert result.returncode == 1
+    (line,) = stderr_lines(result)
+    assert line.startswith(f"invalid: {repository / 'gamma' / 'schema.yaml'}: observations.mouse_col.type: ") and "fix:" in line
+    assert "ok: alpha version 1 from " in result.stdout and "ok: beta version 2 from " in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_validate_a_policy_folder_with_numbered_versions(tmp_path: Path) -> None:
+    folder = make_policy(tmp_path, "solo", [1, 2])
+    result = generate("validate", str(folder))
+    assert result.returncode == 0, result.stderr
+    assert f"policy solo ({folder}): versions 1, 2; would serve version 2 (the highest)" in result.stdout
+    assert "  ok: solo version 1 from " in result.stdout and "  ok: solo version 2 from " in result.stdout
 
 
 def test_openapi_writes_the_spec(source: Path, tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from servers import REPO, Server, clean_env, free_port, running_server, uvicorn_command
 from streamlit.testing.v1 import AppTest
+from test_repository import KEYS, make_policy
 
 from policy_server.demo import launcher
 
@@ -66,10 +67,10 @@ print(json.dumps(imported))
 # --- servers and pages ----------------------------------------------------------------------
 
 
-def serving(folder: Path) -> AbstractContextManager[Server]:
-    """A real `uvicorn app:app` serving `folder` on a free port."""
+def serving(folder: Path, **env: str) -> AbstractContextManager[Server]:
+    """A real `uvicorn app:app` serving `folder` (a policy, or a repository of them) on a free port."""
     port = free_port()
-    return running_server(uvicorn_command(port), port, cwd=REPO, env={"POLICY_SERVER_DIR": str(folder)})
+    return running_server(uvicorn_command(port), port, cwd=REPO, env={"POLICY_SERVER_DIR": str(folder)} | env)
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +300,72 @@ actions:
         assert json.loads(at.dataframe[0].value["observation"][0]) == {"readings": [0.5, 0, 0, 0, 0, 0, 0, 0, 0, -1]}
 
 
+# --- several policies at one URL ------------------------------------------------------------
+
+
+def ask_deterministic(at: AppTest) -> tuple[str, str]:
+    """(the action, who answered, as the caption under it says) of a deterministic decision."""
+    click(at, "ask:predict_deterministic")
+    caption = next(caption.value for caption in at.caption if caption.value.startswith("Deterministic at "))
+    return metrics(at)["choice"], caption.partition(", ")[2]
+
+
+def test_one_policy_has_no_choice_and_names_its_version(examples: dict[str, Server]) -> None:
+    at = page(examples["pendulum"].url)
+    assert not at.sidebar.selectbox  # nothing to choose: the root routes, as in wave 1
+    assert "**pendulum** version 1 answers" in texts(at.sidebar.success)
+    click(at, "ask:predict")
+    assert "answered by pendulum version 1" in texts(at.caption)
+    assert list(at.dataframe[0].value["version"]) == ["1"]
+
+
+def test_each_policy_of_a_repository_is_asked_with_its_own_key(tmp_path: Path) -> None:
+    """alpha (version 1, the default) and beta (versions 1 and 2): version N answers action N - 1."""
+    root = tmp_path / "policies"
+    make_policy(root, "alpha", [1])
+    make_policy(root, "beta", [1, 2])
+    with serving(root, POLICY_SERVER_DEFAULT="alpha") as server:
+        at = page(server.url, api_key=KEYS["alpha"])
+        choice = at.sidebar.selectbox(key="policy")
+        assert (choice.options, choice.value) == (["alpha", "beta"], "alpha")
+        assert ask_deterministic(at) == ("0", "answered by alpha version 1")
+
+        at.sidebar.selectbox(key="policy").set_value("beta")
+        run(at)
+        assert "403: Wrong api key" in texts(at.sidebar.warning)  # alpha's key does not open beta
+        at.sidebar.text_input(key="api_key").set_value(KEYS["beta"])
+        run(at)
+        assert "**beta** version 2 answers" in texts(at.sidebar.success)
+        assert at.title[0].value == "beta policy"
+        assert ask_deterministic(at) == ("1", "answered by beta version 2")
+
+        at.sidebar.selectbox(key="policy").set_value("alpha")  # each policy keeps its key
+        run(at)
+        assert at.sidebar.text_input(key="api_key").value == KEYS["alpha"]
+        assert ask_deterministic(at) == ("0", "answered by alpha version 1")
+        history = at.dataframe[0].value
+        assert list(zip(history["policy"], history["version"], history["action"], strict=True)) == [
+            ("alpha", "1", "choice: 0"),
+            ("beta", "2", "choice: 1"),
+            ("alpha", "1", "choice: 0"),
+        ]
+
+
+def test_policy_schemas_of_a_repository_are_named_as_the_server_names_them(tmp_path: Path) -> None:
+    make_policy(tmp_path, "alpha", [1])
+    renamed = make_policy(tmp_path, "folder-b", [1])
+    (renamed / "schema.yaml").write_text((renamed / "schema.yaml").read_text().replace("name: folder-b", "name: beta"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "schema.yaml").write_text("name: [not, a, name]\n")
+    make_policy(tmp_path, ".hidden", [1])
+    assert launcher.policy_schemas(tmp_path) == {
+        "alpha": tmp_path / "alpha" / "schema.yaml",
+        "beta": renamed / "schema.yaml",
+        "broken": tmp_path / "broken" / "schema.yaml",
+    }
+    assert launcher.is_repository(tmp_path) and not launcher.is_repository(renamed)
+
+
 # --- starting and stopping a server from the page ---------------------------------------------
 
 
@@ -329,6 +396,23 @@ def test_start_and_stop_from_the_page() -> None:
     click(at, "stop")
     assert child.process.returncode is not None and launcher.started_here(url) is None
     assert "Nothing answers" in texts(at.sidebar.error)
+
+
+def test_start_every_example_as_one_server_and_use_each_schemas_key() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    at = page(url, api_key="")
+    at.selectbox(key="policy_folder").set_value("examples/ (every example, one server)")
+    click(at, "start", timeout=launcher.READY_TIMEOUT_S)
+    try:
+        choice = at.sidebar.selectbox(key="policy")
+        assert (choice.options, choice.value) == (["mouse_and_cheese", "pendulum", "tuple_masking"], "mouse_and_cheese")
+        assert at.sidebar.text_input(key="api_key").value == API_KEY  # the schema's key, not the random one the server was given
+        choice.set_value("pendulum")
+        run(at)
+        click(at, "ask:predict")
+        assert "torque" in metrics(at) and "answered by pendulum version 1" in texts(at.caption)
+    finally:
+        launcher.stop(url)
 
 
 # --- a real browser; no orphan server ---------------------------------------------------------

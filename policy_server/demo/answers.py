@@ -12,7 +12,7 @@ from typing import Any
 from policy_server.demo.form import head_labels
 
 CHOSEN, ALLOWED, MASKED = "chosen", "allowed", "masked (0)"
-HISTORY_COLUMNS = ("time", "route", "action", "probability", "observation")
+HISTORY_COLUMNS = ("time", "route", "policy", "version", "action", "probability", "observation")
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Answer:
     `heads` are `/schema`'s `actions` when it was asked (the answer is shown with them even if the server
     changes); `actions`/`probability` are the decision (None for /distribution alone, whose most likely
     actions are shown instead); `distribution` is /distribution's heads for the same observation (None for
-    raw rows); `mask` the action mask sent, if any."""
+    raw rows); `mask` the action mask sent, if any; `policy` and `version` what the server says answered."""
 
     route: str
     sent: dict[str, Any]
@@ -31,6 +31,8 @@ class Answer:
     probability: float | None
     distribution: list[dict[str, Any]] | None
     mask: list[bool] | None = None
+    policy: str | None = None
+    version: str | None = None
     at: str = field(default_factory=lambda: time.strftime("%H:%M:%S"))
 
 
@@ -114,10 +116,19 @@ def history_row(answer: Answer) -> dict[str, Any]:
     return {
         "time": answer.at,
         "route": answer.route,
+        "policy": answer.policy,
+        "version": answer.version,
         "action": "; ".join(f"{view.name}: {view.choice}" for view in head_views(answer)),
         "probability": answer.probability,
         "observation": json.dumps(answer.sent, separators=(",", ":")),
     }
+
+
+def answered_by(answer: Answer) -> str:
+    """Which policy and version computed the answer, as the server's headers say ("" if they do not)."""
+    if answer.version is None:
+        return ""
+    return f"answered by {answer.policy} version {answer.version}" if answer.policy else f"answered by version {answer.version}"
 
 
 def history_csv(rows: Sequence[dict[str, Any]]) -> str:

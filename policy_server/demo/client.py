@@ -1,5 +1,6 @@
 """The server's HTTP API as the page needs it: JSON in, JSON out, every failure one readable message."""
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -33,18 +34,53 @@ def _validation_message(item: Any) -> str:
     return f"{location}: {item.get('msg', '')}" if location else str(item.get("msg", ""))
 
 
-class PolicyClient:
-    """One call per method, each a fresh connection: the page reruns its script on every click anyway."""
+@dataclass(frozen=True)
+class Reply:
+    """A prediction's JSON, and the policy and version that computed it (its X-Policy-* headers)."""
 
-    def __init__(self, url: str, api_key: str, timeout: httpx.Timeout = TIMEOUT) -> None:
+    body: Any
+    policy: str | None = None
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class Listing:
+    """`GET /policies` as the page needs it: the policies that answer, the default, and why the others do not."""
+
+    names: list[str]
+    default: str | None
+    unservable: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, body: Any) -> "Listing":
+        """Read leniently: whatever is not a listing of policies is none (a server of one policy, then)."""
+        entries = body.get("policies") if isinstance(body, dict) else None
+        policies = [entry for entry in entries or [] if isinstance(entry, dict) and isinstance(entry.get("name"), str)]
+        served = [entry["name"] for entry in policies if "active" in entry]
+        failed = {entry["name"]: str(entry.get("error") or "") for entry in policies if "active" not in entry}
+        default = body.get("default") if isinstance(body, dict) else None
+        return cls(served, default if isinstance(default, str) else None, failed)
+
+    @property
+    def one_policy(self) -> bool:
+        """One policy (the default, then): the page asks the root routes, as of a wave-1 server."""
+        return len(self.names) <= 1
+
+
+class PolicyClient:
+    """One call per method, each a fresh connection: the page reruns its script on every click anyway.
+    `prefix` is where the policy's routes are: "" (the root) or `/policies/NAME`."""
+
+    def __init__(self, url: str, api_key: str, timeout: httpx.Timeout = TIMEOUT, prefix: str = "") -> None:
         self.url = url.strip().rstrip("/")
+        self.prefix = prefix
         self._headers = {"access-token": api_key} if api_key else {}
         self._timeout = timeout
 
     def get(self, path: str) -> Any:
-        return self._request("GET", path, None)
+        return self._request("GET", path, None).body
 
-    def post(self, path: str, body: Any) -> Any:
+    def ask(self, path: str, body: Any) -> Reply:
         return self._request("POST", path, body)
 
     def ready(self) -> bool:
@@ -54,9 +90,9 @@ class PolicyClient:
         except (httpx.HTTPError, httpx.InvalidURL):
             return False
 
-    def _request(self, method: str, path: str, body: Any) -> Any:
+    def _request(self, method: str, path: str, body: Any) -> Reply:
         try:
-            response = httpx.request(method, f"{self.url}{path}", json=body, headers=self._headers, timeout=self._timeout)
+            response = httpx.request(method, f"{self.url}{self.prefix}{path}", json=body, headers=self._headers, timeout=self._timeout)
         except httpx.InvalidURL as exc:
             raise Unreachable(f"{self.url!r} is not a URL ({exc}); write it as http://HOST:PORT") from exc
         except httpx.UnsupportedProtocol as exc:
@@ -64,7 +100,7 @@ class PolicyClient:
         except httpx.TransportError as exc:
             raise Unreachable(f"Nothing answers at {self.url} ({type(exc).__name__}: {exc or 'no answer'})") from exc
         if response.is_success:
-            return _json(response)
+            return Reply(_json(response), response.headers.get("x-policy-name"), response.headers.get("x-policy-version"))
         raise ServerError(response.status_code, f"{response.status_code}: {_error_detail(response)}")
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import httpx
 
 from policy_server.demo.client import PolicyClient
+from policy_server.errors import ConfigError
+from policy_server.schema import load_spec
 
 REPO = Path(__file__).resolve().parents[2]  # the folder of app.py
 READY_TIMEOUT_S = 120.0
@@ -84,11 +86,37 @@ _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 
 
 def policy_folders() -> dict[str, Path]:
-    """What the page can serve, by label: the repo's own schema.yaml (if any), then each example."""
+    """What the page can serve, by label: the repo's own schema.yaml (if any), each example, then
+    every example at once (examples/ is a repository of them)."""
     folders = {f"{SCHEMA_FILE} (this folder)": REPO} if (REPO / SCHEMA_FILE).is_file() else {}
-    for schema in sorted((REPO / "examples").glob(f"*/{SCHEMA_FILE}")):
+    examples = sorted((REPO / "examples").glob(f"*/{SCHEMA_FILE}"))
+    for schema in examples:
         folders[f"examples/{schema.parent.name}"] = schema.parent
+    if len(examples) > 1:
+        folders["examples/ (every example, one server)"] = REPO / "examples"
     return folders
+
+
+def is_repository(folder: Path) -> bool:
+    """A folder of policy folders rather than one policy (the server's rule: no schema.yaml at its top)."""
+    return not (folder / SCHEMA_FILE).is_file()
+
+
+def policy_schemas(repository: Path) -> dict[str, Path]:
+    """The schema.yaml of each policy folder in `repository`, by the policy's name as the server names
+    it: the schema's `name`, else its folder's (the first folder of a name, if two share one)."""
+    schemas: dict[str, Path] = {}
+    for schema in sorted(repository.glob(f"*/{SCHEMA_FILE}")):
+        if not schema.parent.name.startswith("."):
+            schemas.setdefault(_policy_name(schema), schema)
+    return schemas
+
+
+def _policy_name(schema: Path) -> str:
+    try:
+        return load_spec(schema).name
+    except ConfigError:
+        return schema.parent.name  # not served; its error is in /policies under this name
 
 
 def started_here(url: str) -> ChildServer | None:

@@ -1,9 +1,12 @@
-"""The streamlit page: the sidebar (server, key, status, start and stop), the observation form made
-from `/schema`, the answer with a chart per head, and the session's history.
+"""The streamlit page: the sidebar (server, policy, key, status, start and stop), the observation form
+made from `/schema`, the answer with a chart per head and the version that computed it, and the
+session's history.
 
-Streamlit reruns this script top to bottom on every click; what must outlive a run (the last answer,
-the history, a start failure) is in `st.session_state`, every widget's value too (keyed by the policy's
-name, so another policy at the same URL gets its own form).
+A server of one policy is asked at its root routes, as in wave 1; a server of several (`GET
+/policies`) gets a choice of policy, whose routes are then asked under `/policies/NAME` with that
+policy's own key. Streamlit reruns this script top to bottom on every click; what must outlive a run
+(the last answer, the history, a start failure, each policy's key) is in `st.session_state`, every
+widget's value too (keyed by the policy's name, so another policy at the same URL gets its own form).
 """
 
 import os
@@ -15,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import streamlit as st
 
 from policy_server.demo import launcher
-from policy_server.demo.answers import ALLOWED, CHOSEN, MASKED, Answer, HeadView, head_views, history_csv, history_row
-from policy_server.demo.client import PolicyClient, ServerError, Unreachable
+from policy_server.demo.answers import ALLOWED, CHOSEN, MASKED, Answer, HeadView, answered_by, head_views, history_csv, history_row
+from policy_server.demo.client import Listing, PolicyClient, ServerError, Unreachable
 from policy_server.demo.form import Field, Scalar, Value, Widget, example_value, fields, format_list, parse_list, random_value
 from policy_server.errors import ConfigError
 from policy_server.schema import load_spec
@@ -62,21 +65,65 @@ def main() -> None:
 
 
 def _sidebar() -> tuple[PolicyClient, dict[str, Any] | None]:
-    """The client for the URL and key typed, and `/info` if the policy there is ready to answer."""
+    """The client for the URL, policy and key chosen, and `/info` if that policy is ready to answer."""
     st.session_state.setdefault("url", DEFAULT_URL)
     st.session_state.setdefault("api_key", os.environ.get("POLICY_SERVER_API_KEY", ""))
     with st.sidebar:
         st.header("Policy Server")
         url = st.text_input("Server URL", key="url")
+        listing = _listing(url)
+        name = _choose_policy(listing)
         api_key = st.text_input("API key", key="api_key", type="password", help="Sent as the header access-token.")
-        client = PolicyClient(url, api_key)
-        answering, info = _status(client)
+        client = PolicyClient(url, api_key, prefix="" if name is None else f"/policies/{name}")
+        answering, info = _status(client, listing)
         _launch_controls(client.url, answering)
     return client, info
 
 
-def _status(client: PolicyClient) -> tuple[bool, dict[str, Any] | None]:
-    """Show whether a policy answers at the URL; (something answers, `/info` if the policy is ready)."""
+def _listing(url: str) -> Listing | Unreachable:
+    """The policies served at `url` (`GET /policies`, which no key guards), or why nothing answers there."""
+    try:
+        return Listing.of(PolicyClient(url, "").get("/policies"))
+    except Unreachable as exc:
+        return exc
+    except ServerError:
+        return Listing([], None)  # no list of policies: one policy, at the root routes; /info says more
+
+
+def _choose_policy(listing: Listing | Unreachable) -> str | None:
+    """The policy chosen, defaulting to the server's default; None (no choice shown) for one policy: the root routes."""
+    if isinstance(listing, Unreachable) or listing.one_policy:
+        _hold_key_of(None)
+        return None
+    if st.session_state.get("policy") not in listing.names:  # first seen, or another server at the URL now
+        st.session_state["policy"] = listing.default if listing.default in listing.names else listing.names[0]
+    name: str = st.selectbox("Policy", listing.names, key="policy", help="The policies this server serves; each opens to its own key.")
+    _hold_key_of(name)
+    return name
+
+
+def _hold_key_of(name: str | None) -> None:
+    """Keep the key field on the chosen policy's key (before the field is drawn): the key it had when
+    another was chosen, or the one its schema.yaml names if this page started the server; a policy
+    not met yet keeps what the field holds. `None`: one policy, whose key is the field, as in wave 1."""
+    keys: dict[str, str] = st.session_state.setdefault("policy_keys", {})
+    owner = st.session_state.get("key_owner")
+    if owner == name:
+        return
+    if owner is not None:
+        keys[owner] = st.session_state["api_key"]
+    if name is not None and name in keys:
+        st.session_state["api_key"] = keys[name]
+    st.session_state["key_owner"] = name
+
+
+def _status(client: PolicyClient, listing: Listing | Unreachable) -> tuple[bool, dict[str, Any] | None]:
+    """Show whether the policy answers at the URL; (something answers, `/info` if the policy is ready)."""
+    if isinstance(listing, Unreachable):
+        st.error(str(listing))
+        return False, None
+    for name, reason in listing.unservable.items():
+        st.warning(f"**{name}** cannot be served: {reason}")
     try:
         info = client.get("/info")
     except Unreachable as exc:
@@ -88,8 +135,9 @@ def _status(client: PolicyClient) -> tuple[bool, dict[str, Any] | None]:
     if not info.get("ready"):
         st.warning(f"**{info.get('name')}** is loading its policy; retry in a moment.")
         return True, None
+    version = f" version {info['policy_version']}" if info.get("policy_version") else ""
     st.success(
-        f"**{info['name']}** answers: model `{info['model']}` ({info['format']}), backend {info['backend']}, device {info['device']}"
+        f"**{info['name']}**{version} answers: model `{info['model']}` ({info['format']}), backend {info['backend']}, device {info['device']}"
     )
     return True, info
 
@@ -109,7 +157,10 @@ def _launch_controls(url: str, answering: bool) -> None:
     if not answering:
         folders = launcher.policy_folders()
         label = st.selectbox("Policy to serve", list(folders), key="policy_folder")
-        st.caption("It answers to this page's API key; if the field is empty, to its schema's key (else a new random one).")
+        if launcher.is_repository(folders[label]):
+            st.caption("Each policy answers to its schema's key; one without, to this page's API key (else a new random one).")
+        else:
+            st.caption("It answers to this page's API key; if the field is empty, to its schema's key (else a new random one).")
         if st.button("Start the server from schema", key="start", type="primary", on_click=_fill_missing_key, args=(folders[label],)):
             _start(url, label, folders[label])
         if failure := st.session_state.get("launch_failure"):
@@ -118,18 +169,26 @@ def _launch_controls(url: str, answering: bool) -> None:
 
 def _fill_missing_key(folder: Path) -> None:
     """Before the run that starts a server (callbacks may still change widgets): the key it will
-    answer to. The schema's own, which its README's curl examples use; else a new random one."""
-    if not st.session_state["api_key"]:
-        st.session_state["api_key"] = _schema_key(folder) or secrets.token_urlsafe(16)
+    answer to. The schema's own, which its README's curl examples use; else a new random one.
+    A repository: each policy's key is its schema's, the field's key (else a new random one) that
+    of the policies whose schema names none, as the server takes POLICY_SERVER_API_KEY."""
+    if not launcher.is_repository(folder):
+        if not st.session_state["api_key"]:
+            st.session_state["api_key"] = _schema_key(folder / launcher.SCHEMA_FILE) or secrets.token_urlsafe(16)
+        return
+    fallback = st.session_state["api_key"] or secrets.token_urlsafe(16)
+    st.session_state["api_key"] = fallback
+    st.session_state["policy_keys"] = {name: _schema_key(schema) or fallback for name, schema in launcher.policy_schemas(folder).items()}
+    st.session_state["key_owner"] = None
 
 
-def _schema_key(folder: Path) -> str | None:
-    """The key in the folder's schema.yaml (every folder the page offers has one), read by `schema`
-    alone: `loading`, which also finds models, imports torch, and the page must stay light to show fast."""
+def _schema_key(schema: Path) -> str | None:
+    """The key in a schema.yaml, read by `schema` alone: `loading`, which also finds models, imports
+    torch, and the page must stay light to show fast."""
     try:
-        return load_spec(folder / launcher.SCHEMA_FILE).api_key
+        return load_spec(schema).api_key
     except ConfigError:
-        return None  # the server will not start either; its log tail will say why
+        return None  # the server will not serve it either; its log or /policies will say why
 
 
 def _start(url: str, label: str, folder: Path) -> None:
@@ -253,20 +312,24 @@ def _raw_tab(client: PolicyClient, schema: dict[str, Any]) -> None:
 def _ask(client: PolicyClient, route: str, body: dict[str, Any], heads: list[dict[str, Any]], mask: list[bool] | None) -> None:
     """Ask `route` (and /distribution, for the chart, unless the body is a raw row); keep the answer or the error."""
     try:
-        decision = None if route == "distribution" else client.post(f"/{route}", body)
-        distribution = None if route == "predict_raw" else client.post("/distribution", body)["heads"]
+        decision = None if route == "distribution" else client.ask(f"/{route}", body)
+        distribution = None if route == "predict_raw" else client.ask("/distribution", body)
     except (ServerError, Unreachable) as exc:
         st.session_state["answer"] = None
         st.session_state["error"] = str(exc)
         return
+    answered = decision or distribution
+    assert answered is not None, "every route asks the decision, the distribution or both"
     answer = Answer(
         route=route,
         sent=body,
         heads=heads,
-        actions=None if decision is None else decision["actions"],
-        probability=None if decision is None else decision["probability"],
-        distribution=distribution,
+        actions=None if decision is None else decision.body["actions"],
+        probability=None if decision is None else decision.body["probability"],
+        distribution=None if distribution is None else distribution.body["heads"],
         mask=mask,
+        policy=answered.policy,
+        version=answered.version,
     )
     st.session_state["answer"] = answer
     st.session_state["error"] = None
@@ -289,7 +352,7 @@ def _show_answer() -> None:
         column.caption(view.detail)
     if answer.probability is not None:
         columns[-1].metric("probability", f"{answer.probability:.4g}")
-    st.caption(f"{ROUTES.get(answer.route, answer.route)} at {answer.at}")
+    st.caption(", ".join(filter(None, (f"{ROUTES.get(answer.route, answer.route)} at {answer.at}", answered_by(answer)))))
     charted = [view for view in views if view.bars]
     for column, view in zip(st.columns(len(charted)) if charted else [], charted, strict=True):
         column.altair_chart(_chart(view), width="stretch")
