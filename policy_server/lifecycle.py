@@ -194,6 +194,10 @@ class Registry:
         assert source.spec is not None
         if wanted is None:
             pinned = source.spec.serving.version
+            if pinned is None:
+                raise ConfigError(
+                    source.folder / "models", "model", "no version folder holds a model file yet", "put the model in models/1/"
+                )
             raise ConfigError(source.spec.path, "serving.version", f"no version {pinned} in models/", "pin a version that models/ holds")
         if wanted.error is not None:
             raise wanted.error
