@@ -54,6 +54,7 @@ from ray_support import (
 )
 from servers import free_port, running_server, serve_command, sigterm_under_keep_alive_load, uvicorn_command
 from test_batch_isolation import CLIENTS, REQUESTS_PER_CLIENT, error_id_of, poisoned_load, raising_policy_dir
+from test_metrics import sample_value
 
 from policy_server import loading
 from policy_server.errors import ConfigError
@@ -208,9 +209,8 @@ def test_replicas_batch_concurrent_requests_and_report_them(clients: dict[str, t
     _, remote = clients["mouse_and_cheese"]
 
     def batches() -> tuple[float, float]:
-        lines = remote.get("/metrics").text.splitlines()
-        values = {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("policy_server_batch_size_")}
-        return values["policy_server_batch_size_count"], values["policy_server_batch_size_sum"]
+        text = remote.get("/metrics").text
+        return sample_value(text, "policy_server_batch_size_count"), sample_value(text, "policy_server_batch_size_sum")
 
     count, rows = batches()
     observation = _mouse_observations(random.Random(0))[0]
@@ -475,7 +475,7 @@ def test_uvicorn_starts_and_stops_its_own_ray(tmp_path: Path) -> None:
         assert non_loopback_connections([psutil.Process(server.process.pid), *ray_processes]) == []
     assert readiness[0] == 503 and readiness[-1] == 200
     assert server.returncode in (0, -signal.SIGTERM), server.log
-    assert "Finished loading model.pt2 (torch.export) with backend ray, 1 replica(s), on cpu" in server.log
+    assert "Finished loading own_ray version 1: model.pt2 (torch.export) with backend ray, 1 replica(s), on cpu" in server.log
     assert server.log.count("Finished loading") == 1
     assert "Application shutdown complete" in server.log and "Traceback" not in server.log
     assert survivors(ray_processes, timeout_s=30) == []
