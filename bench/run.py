@@ -229,14 +229,6 @@ def configurations() -> list[Config]:
             "the root routes serve the first",
         ),
         Config(
-            "switch-under-load",
-            ours,
-            "mouse_versions",
-            note=f"ours, a repository of one policy (the default example as models/1/); /predict at c={SWITCH_CONCURRENCY} "
-            "before, during and after the same model is published as the next version",
-            switch=True,
-        ),
-        Config(
             "seed-ray",
             uvicorn("seed_ray_server:app"),
             "mouse_ts",
@@ -246,6 +238,14 @@ def configurations() -> list[Config]:
         Config("ray", ours, "mouse_ray", RAY_ENV, note="ours, backend ray: 1 replica, batching (max_batch_size 64)", pinned=False),
         Config("ray-no-batching", ours, "mouse_ray_nobatch", RAY_ENV, note="ours, backend ray, max_batch_size 1", pinned=False),
         Config("ray-2-replicas", ours, "mouse_ray_2", RAY_ENV, note="ours, backend ray, 2 replicas (one per core)", pinned=False),
+        Config(
+            "switch-under-load",
+            ours,
+            "mouse_versions",
+            note=f"ours, a repository of one policy (the default example as models/1/); /predict at c={SWITCH_CONCURRENCY} "
+            "before, during and after the same model is published as the next version",
+            switch=True,
+        ),
     ]
 
 
@@ -570,23 +570,23 @@ def report(runs: list[Run], configs: list[Config], duration: int) -> str:
 REPOSITORY_CONFIGS = ("repo-1", "repo-10", "switch-under-load")
 REPOSITORY_METHOD = f"""\
 `repo-1` and `repo-10` are our server on a repository (`POLICY_SERVER_DIR` a folder of policy
-folders) of one and of {REPOSITORY_SIZE} copies of the default example, each copy under its own
-name and key, `POLICY_SERVER_DEFAULT` the first; they run in the same interleaved rounds as the
-other one-core servers. Memory per extra policy is (RSS of `repo-10` − RSS of `repo-1`) /
-{REPOSITORY_SIZE - 1}, each the server's process tree at its highest over its runs; the throughput
-target compares their /predict (the default policy) at c=32. `switch-under-load` is one server on
-a repository of one policy. Each of its {ROUNDS} rounds publishes the next version (2, 3, ...: the
-default example's model again, written elsewhere and renamed into `models/N`, as the README says)
-and runs wrk on /predict at c={SWITCH_CONCURRENCY} three times back to back: `predict:before`,
-`predict:during` (from {SWITCH_MARGIN_S:g} s before the rename until {SWITCH_MARGIN_S:g} s after
-`/policies` shows the new version active) and `predict:after`. A row is the median of its rounds;
-its errors (non-2xx answers and socket errors) are summed over them. After each round, an answer's
-`X-Policy-Version` must name the new version. Rename → active is the new version's `loaded_at` in
-`/policies` less the moment of the rename (the median of the rounds). With the watcher's default
-`POLICY_SERVER_WATCH` of 2 s it is 2 to 4 s, mostly waiting: a version is loaded once two scans in
-a row saw the same files, and loading it beside the active one is a small part of it. So the
-during run is mostly steady serving, and a dip while the version loads is averaged over it. The copied model's trace is cached (by its sha256): a new model also pays its first
-trace while it loads (the `local` first start, in the targets)."""
+folders) of one and of {REPOSITORY_SIZE} copies of the default example, each copy under its own name and
+key, `POLICY_SERVER_DEFAULT` the first; they run in the same interleaved rounds as the other
+one-core servers. Memory per extra policy is (RSS of `repo-10` − RSS of `repo-1`) / {REPOSITORY_SIZE - 1}, each the
+server's process tree at its highest over its runs; the throughput target compares their /predict
+(the default policy) at c=32. `switch-under-load` is one server on a repository of one policy.
+Each of its {ROUNDS} rounds publishes the next version (2, 3, ...: the default example's model again,
+written elsewhere and renamed into `models/N`, as the README says) and runs wrk on /predict at
+c={SWITCH_CONCURRENCY} three times back to back: `predict:before`, `predict:during` (from {SWITCH_MARGIN_S:g} s before the
+rename until {SWITCH_MARGIN_S:g} s after `/policies` shows the new version active) and `predict:after`. A row
+is the median of its rounds; its errors (non-2xx answers and socket errors) are summed over them.
+After each round, an answer's `X-Policy-Version` must name the new version. Rename → active is
+the new version's `loaded_at` in `/policies` less the moment of the rename (the median of the
+rounds). With the watcher's default `POLICY_SERVER_WATCH` of 2 s it is 2 to 4 s, mostly waiting:
+a version is loaded once two scans in a row saw the same files, and loading it beside the active
+one is a small part of it. So the during run is mostly steady serving, and a dip while the
+version loads is averaged over it. The copied model's trace is cached (by its sha256): a new
+model also pays its first trace while it loads (the `local` first start, in the targets)."""
 
 
 def check(label: str, ok: bool | None, figure: str) -> str:
@@ -685,6 +685,18 @@ def plot(runs: list[Run], target: Path) -> None:
     figure.savefig(target, dpi=110)
 
 
+def read_runs(results: Path) -> list[Run]:
+    return [Run(**row) for row in json.loads(results.read_text())] if results.exists() else []
+
+
+def updated(earlier: list[Run], measured: list[Run]) -> list[Run]:
+    """The rows measured now in place of the earlier ones of the same configurations; the others kept, all in the configurations' order."""
+    order = [config.name for config in configurations()]
+    measured_configs = {run.config for run in measured}
+    kept = [run for run in earlier if run.config not in measured_configs] + measured
+    return sorted(kept, key=lambda run: order.index(run.config) if run.config in order else len(order))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
@@ -693,6 +705,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=BENCH, help="where results.json and RESULTS.md go")
     parser.add_argument("--plot", type=Path, default=REPO / "assets" / "bench.png")
     parser.add_argument("--from-results", action="store_true", help="measure nothing: write RESULTS.md and the plot from results.json")
+    parser.add_argument("--update", action="store_true", help="keep results.json's rows of the configurations not measured now")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench: wrk is not installed; fix: apt-get install -y wrk")
@@ -700,7 +713,7 @@ def main() -> None:
     configs = [c for c in configurations() if not wanted or c.name in wanted]
     concurrencies = (1, 32) if args.no_sweep else SWEEP
     if args.from_results:
-        runs = [Run(**row) for row in json.loads((args.out / "results.json").read_text())]
+        runs = read_runs(args.out / "results.json")
         (args.out / "RESULTS.md").write_text(report(runs, configs, args.duration))
         plot(runs, args.plot)
         print(f"wrote {args.out / 'RESULTS.md'} from its results.json")
@@ -715,6 +728,9 @@ def main() -> None:
         for config in configs:
             if config.switch:
                 runs += measure_switch(config, folders[config.policy], args.duration, Path(scratch))
+    if args.update:
+        runs = updated(read_runs(args.out / "results.json"), runs)
+        configs = [c for c in configurations() if c.name in {r.config for r in runs}]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
     (args.out / "RESULTS.md").write_text(report(runs, configs, args.duration))
