@@ -53,7 +53,8 @@ REPOSITORY_SIZE = 10  # policies in the `repo-10` configuration
 SWITCHED = "mouse_and_cheese"  # the one policy of `switch-under-load`, as its schema names it
 SWITCH_PHASES = ("before", "during", "after")
 SWITCH_CONCURRENCY = 32
-SWITCH_MARGIN_S = 1.0  # the "during" run starts this long before the rename and ends this long after the switch
+SWITCH_MARGIN_S = 1.0  # the "during" run starts at least this long before the rename and ends this long after the switch
+SWITCH_WATCH_S = 2.0  # the watcher's default period, set explicitly: `switch_lead_s` staggers the renames over it
 SWITCH_TIMEOUT_S = 60
 
 
@@ -242,6 +243,7 @@ def configurations() -> list[Config]:
             "switch-under-load",
             ours,
             "mouse_versions",
+            {"POLICY_SERVER_WATCH": f"{SWITCH_WATCH_S:g}"},
             note=f"ours, a repository of one policy (the default example as models/1/); /predict at c={SWITCH_CONCURRENCY} "
             "before, during and after the same model is published as the next version",
             switch=True,
@@ -460,9 +462,10 @@ def measure_switch(config: Config, folder: Path, duration: int, scratch: Path) -
     samples: dict[str, list[Run]] = {phase: [] for phase in SWITCH_PHASES}
     run_s = max(1, duration // ROUNDS)
     with started(config, folder, scratch) as (url, process, ready_s, cold_ready_s):
-        for version in range(2, 2 + ROUNDS):
+        for round_index, version in enumerate(range(2, 2 + ROUNDS)):
             figures = {"before": (wrk(url, phases["before"], SWITCH_CONCURRENCY, run_s, scratch), None)}
-            figures["during"] = publish_under_load(url, phases["during"], folder / SWITCHED, version, scratch)
+            lead_s = switch_lead_s(round_index)
+            figures["during"] = publish_under_load(url, phases["during"], folder / SWITCHED, version, lead_s, scratch)
             figures["after"] = (wrk(url, phases["after"], SWITCH_CONCURRENCY, run_s, scratch), None)
             _check_answered_by(url, predict, str(version))
             for phase, (result, switch_s) in figures.items():
@@ -471,18 +474,27 @@ def measure_switch(config: Config, folder: Path, duration: int, scratch: Path) -
     return [_median(samples[phase]) for phase in SWITCH_PHASES]
 
 
-def publish_under_load(url: str, workload: Workload, policy: Path, version: int, scratch: Path) -> tuple[dict[str, float], float]:
-    """wrk's figures while `version` is published, and the seconds from its rename to its being
-    active (the server's `loaded_at` in /policies: the moment it switched)."""
+def switch_lead_s(round_index: int) -> float:
+    """How far into a round's "during" run its version is renamed: SWITCH_MARGIN_S, plus a step of
+    the watcher's period per round. Runs of whole seconds would otherwise rename just after a scan
+    in every round, the slowest case."""
+    return SWITCH_MARGIN_S + round_index * SWITCH_WATCH_S / ROUNDS
+
+
+def publish_under_load(
+    url: str, workload: Workload, policy: Path, version: int, lead_s: float, scratch: Path
+) -> tuple[dict[str, float], float]:
+    """wrk's figures while `version` is published (renamed `lead_s` into the run), and the seconds
+    from its rename to its being active (the server's `loaded_at` in /policies: the moment it switched)."""
     command = wrk_command(url, workload, SWITCH_CONCURRENCY, SWITCH_TIMEOUT_S, scratch)
     with httpx.Client(base_url=url, timeout=10) as client:
         if (active := _policy_entry(client)["active"]) != str(version - 1):
             raise RuntimeError(f"before publishing version {version}, version {active} is active")
         load = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            time.sleep(SWITCH_MARGIN_S)
+            time.sleep(lead_s)
             renamed_at = publish(policy, version, scratch / "staging")
-            activated_at = _wait_active(client, str(version), time.monotonic() + SWITCH_TIMEOUT_S - 2 * SWITCH_MARGIN_S)
+            activated_at = _wait_active(client, str(version), time.monotonic() + SWITCH_TIMEOUT_S - lead_s - SWITCH_MARGIN_S)
             time.sleep(SWITCH_MARGIN_S)
         finally:
             load.send_signal(signal.SIGINT)  # wrk stops and prints its figures
@@ -570,23 +582,26 @@ def report(runs: list[Run], configs: list[Config], duration: int) -> str:
 REPOSITORY_CONFIGS = ("repo-1", "repo-10", "switch-under-load")
 REPOSITORY_METHOD = f"""\
 `repo-1` and `repo-10` are our server on a repository (`POLICY_SERVER_DIR` a folder of policy
-folders) of one and of {REPOSITORY_SIZE} copies of the default example, each copy under its own name and
-key, `POLICY_SERVER_DEFAULT` the first; they run in the same interleaved rounds as the other
-one-core servers. Memory per extra policy is (RSS of `repo-10` − RSS of `repo-1`) / {REPOSITORY_SIZE - 1}, each the
-server's process tree at its highest over its runs; the throughput target compares their /predict
-(the default policy) at c=32. `switch-under-load` is one server on a repository of one policy.
-Each of its {ROUNDS} rounds publishes the next version (2, 3, ...: the default example's model again,
-written elsewhere and renamed into `models/N`, as the README says) and runs wrk on /predict at
-c={SWITCH_CONCURRENCY} three times back to back: `predict:before`, `predict:during` (from {SWITCH_MARGIN_S:g} s before the
-rename until {SWITCH_MARGIN_S:g} s after `/policies` shows the new version active) and `predict:after`. A row
-is the median of its rounds; its errors (non-2xx answers and socket errors) are summed over them.
-After each round, an answer's `X-Policy-Version` must name the new version. Rename → active is
-the new version's `loaded_at` in `/policies` less the moment of the rename (the median of the
-rounds). With the watcher's default `POLICY_SERVER_WATCH` of 2 s it is 2 to 4 s, mostly waiting:
-a version is loaded once two scans in a row saw the same files, and loading it beside the active
-one is a small part of it. So the during run is mostly steady serving, and a dip while the
-version loads is averaged over it. The copied model's trace is cached (by its sha256): a new
-model also pays its first trace while it loads (the `local` first start, in the targets)."""
+folders) of one and of {REPOSITORY_SIZE} copies of the default example, each copy under its own name
+and key, `POLICY_SERVER_DEFAULT` the first; they run in the same interleaved rounds as the other
+one-core servers. Memory per extra policy is (RSS of `repo-10` − RSS of `repo-1`) / {REPOSITORY_SIZE - 1}, each
+the server's process tree at its highest over its runs; the throughput target compares their
+/predict (the default policy) at c=32.
+
+`switch-under-load` is one server on a repository of one policy. Each of its {ROUNDS} rounds publishes
+the next version (2, 3, ...: the default example's model again, written elsewhere and renamed into
+`models/N`, as the README says) and runs wrk on /predict at c={SWITCH_CONCURRENCY} three times back to back:
+`predict:before`, `predict:during` and `predict:after`. The during run starts {SWITCH_MARGIN_S:g} to {switch_lead_s(ROUNDS - 1):.1f} s
+before the rename (each round renames at another point of the watcher's period) and ends {SWITCH_MARGIN_S:g} s
+after `/policies` shows the new version active. A row is the median of its rounds; its errors
+(non-2xx answers and socket errors) are summed over them. After each round, an answer's
+`X-Policy-Version` must name the new version. Rename → active is the new version's `loaded_at` in
+`/policies` less the moment of the rename (the median of the rounds). With the watcher's default
+period (`POLICY_SERVER_WATCH`, {SWITCH_WATCH_S:g} s) it is {SWITCH_WATCH_S:g} to {2 * SWITCH_WATCH_S:g} s, mostly waiting: a version is loaded
+once two scans in a row saw the same files, and loading it beside the active one is a small part
+of that. So the during run is mostly steady serving, and a dip while the version loads is averaged
+over it. The copied model's trace is cached (by its sha256): a new model also pays its first trace
+while it loads (the `local` first start, in the targets)."""
 
 
 def check(label: str, ok: bool | None, figure: str) -> str:
