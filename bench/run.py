@@ -454,7 +454,7 @@ def _run(
 
 def measure_switch(config: Config, folder: Path, duration: int, scratch: Path) -> list[Run]:
     """Versions published under load. One server; each of the ROUNDS rounds publishes the next
-    version (2, 3, ...) and runs wrk three times back to back: before, during (from SWITCH_MARGIN_S
+    version (2, 3, ...) and runs wrk three times back to back: before, during (from `switch_lead_s`
     before the rename to SWITCH_MARGIN_S after /policies shows the new version active) and after.
     Each phase is reported as the median of its rounds, as `predict:before`, `predict:during`, ..."""
     predict = workloads(config.policy)[0]
@@ -462,15 +462,15 @@ def measure_switch(config: Config, folder: Path, duration: int, scratch: Path) -
     samples: dict[str, list[Run]] = {phase: [] for phase in SWITCH_PHASES}
     run_s = max(1, duration // ROUNDS)
     with started(config, folder, scratch) as (url, process, ready_s, cold_ready_s):
+
+        def record(phase: str, result: dict[str, float], switch_s: float | None = None) -> None:
+            samples[phase].append(_run(config, phases[phase], SWITCH_CONCURRENCY, result, process, ready_s, cold_ready_s, switch_s))
+
         for round_index, version in enumerate(range(2, 2 + ROUNDS)):
-            figures = {"before": (wrk(url, phases["before"], SWITCH_CONCURRENCY, run_s, scratch), None)}
-            lead_s = switch_lead_s(round_index)
-            figures["during"] = publish_under_load(url, phases["during"], folder / SWITCHED, version, lead_s, scratch)
-            figures["after"] = (wrk(url, phases["after"], SWITCH_CONCURRENCY, run_s, scratch), None)
+            record("before", wrk(url, phases["before"], SWITCH_CONCURRENCY, run_s, scratch))
+            record("during", *publish_under_load(url, phases["during"], folder / SWITCHED, version, switch_lead_s(round_index), scratch))
+            record("after", wrk(url, phases["after"], SWITCH_CONCURRENCY, run_s, scratch))
             _check_answered_by(url, predict, str(version))
-            for phase, (result, switch_s) in figures.items():
-                run = _run(config, phases[phase], SWITCH_CONCURRENCY, result, process, ready_s, cold_ready_s, switch_s)
-                samples[phase].append(run)
     return [_median(samples[phase]) for phase in SWITCH_PHASES]
 
 
