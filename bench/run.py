@@ -7,6 +7,7 @@ it. Results go to bench/results.json, bench/RESULTS.md and assets/bench.png.
 
     python bench/run.py                      # everything, 10 s per run
     python bench/run.py --duration 2 --configs reference,local --no-sweep --out /tmp/b
+    python bench/run.py --duration 6 --configs repo-1,repo-10,switch-under-load --no-sweep --out /tmp/b
 """
 
 import argparse
@@ -17,6 +18,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -46,6 +49,13 @@ CORES = os.cpu_count() or 1
 WRK_CORE = [] if CORES < 2 else ["taskset", "-c", str(CORES - 1)]
 SERVER_CORES = [] if CORES < 2 else ["taskset", "-c", f"0-{CORES - 2}"]
 SWEPT = ("reference", "local", "local-no-batching", "ray", "seed-ray", "raw-asgi")  # the plot's lines
+REPOSITORY_SIZE = 10  # policies in the `repo-10` configuration
+SWITCHED = "mouse_and_cheese"  # the one policy of `switch-under-load`, as its schema names it
+SWITCH_PHASES = ("before", "during", "after")
+SWITCH_CONCURRENCY = 32
+SWITCH_MARGIN_S = 1.0  # the "during" run starts at least this long before the rename and ends this long after the switch
+SWITCH_WATCH_S = 2.0  # the watcher's default period, set explicitly: `switch_lead_s` staggers the renames over it
+SWITCH_TIMEOUT_S = 60
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,7 @@ class Config:
     note: str = ""
     cold_start: bool = False  # also time a first start, before the model's trace is cached
     pinned: bool = True  # the server on its own core, away from wrk's (Ray needs both: not pinned)
+    switch: bool = False  # measured by `measure_switch`: versions published under load, not the usual plan
 
 
 @dataclass
@@ -80,6 +91,7 @@ class Run:
     ready_s: float
     errors: int
     cold_ready_s: float | None = None
+    switch_s: float | None = None  # from a version's rename into models/ to its being active (the switch rows)
 
 
 # --- policies to serve ------------------------------------------------------------------------
@@ -112,7 +124,36 @@ def prepare_policies(root: Path) -> dict[str, Path]:
     mlp_schema = f"parameters: {{discrete: true, api_key: '{API_KEY}'}}\nobservations:\n{fields}"
     folders["mlp24"] = _policy(root / "mlp24", mlp_schema, module=mlp, width=24, export=True)
     folders["mlp24_ts"] = _policy(root / "mlp24_ts", mlp_schema, module=mlp, width=24)
+    for count in (1, REPOSITORY_SIZE):
+        folders[f"mouse_repo_{count}"] = _mouse_repository(root / f"mouse_repo_{count}", mouse_schema, count)
+    folders["mouse_versions"] = root / "mouse_versions"
+    _policy(folders["mouse_versions"] / SWITCHED, mouse_schema)
+    publish(folders["mouse_versions"] / SWITCHED, 1, root / "staging")
     return folders
+
+
+def repository_policy(index: int) -> str:
+    return f"mouse_{index:02}"
+
+
+def _mouse_repository(root: Path, schema: str, count: int) -> Path:
+    """`count` copies of the default example, each under its own name and key; the first keeps the example's key."""
+    for index in range(1, count + 1):
+        name, key = repository_policy(index), API_KEY if index == 1 else f"{API_KEY}-{index}"
+        renamed = re.sub(r"^name: .*$", f"name: {name}", schema, count=1, flags=re.MULTILINE).replace(f'"{API_KEY}"', f'"{key}"')
+        _policy(root / name, renamed, pt2=MOUSE / "models" / "model.pt2")
+    return root
+
+
+def publish(policy: Path, version: int, staging: Path) -> float:
+    """The default example's model as `version` of `policy`, published as the README says: written
+    elsewhere, then renamed into models/ in one step. Returns the moment of the rename (time.time())."""
+    built = staging / f"{policy.name}-{version}"
+    built.mkdir(parents=True)
+    shutil.copy(MOUSE / "models" / "model.pt2", built / "model.pt2")
+    renamed_at = time.time()
+    os.rename(built, policy / "models" / str(version))
+    return renamed_at
 
 
 def _policy(
@@ -173,6 +214,22 @@ def configurations() -> list[Config]:
         Config("reference-mlp24", uvicorn("reference_server:app"), "mlp24_ts", note="reference, 24→64→64→4 MLP"),
         Config("local-mlp24", ours, "mlp24", note="ours, 24→64→64→4 MLP (.pt2)", cold_start=True),
         Config(
+            "repo-1",
+            ours,
+            "mouse_repo_1",
+            {"POLICY_SERVER_DEFAULT": repository_policy(1)},
+            note="ours, a repository of one policy (a copy of the default example)",
+            cold_start=True,
+        ),
+        Config(
+            "repo-10",
+            ours,
+            "mouse_repo_10",
+            {"POLICY_SERVER_DEFAULT": repository_policy(1)},
+            note=f"ours, a repository of {REPOSITORY_SIZE} copies of the default example, each its own name and key; "
+            "the root routes serve the first",
+        ),
+        Config(
             "seed-ray",
             uvicorn("seed_ray_server:app"),
             "mouse_ts",
@@ -182,6 +239,15 @@ def configurations() -> list[Config]:
         Config("ray", ours, "mouse_ray", RAY_ENV, note="ours, backend ray: 1 replica, batching (max_batch_size 64)", pinned=False),
         Config("ray-no-batching", ours, "mouse_ray_nobatch", RAY_ENV, note="ours, backend ray, max_batch_size 1", pinned=False),
         Config("ray-2-replicas", ours, "mouse_ray_2", RAY_ENV, note="ours, backend ray, 2 replicas (one per core)", pinned=False),
+        Config(
+            "switch-under-load",
+            ours,
+            "mouse_versions",
+            {"POLICY_SERVER_WATCH": f"{SWITCH_WATCH_S:g}"},
+            note=f"ours, a repository of one policy (the default example as models/1/); /predict at c={SWITCH_CONCURRENCY} "
+            "before, during and after the same model is published as the next version",
+            switch=True,
+        ),
     ]
 
 
@@ -208,7 +274,7 @@ def free_port() -> int:
 def server(config: Config, folder: Path, cache: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], float]]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLICY_SERVER_")}
-    model = next((folder / "models").glob("model.*"))
+    model = next(folder.rglob("model.*"))  # for the reference servers: the policy's one model file
     env |= {
         "PYTHONPATH": f"{REPO}{os.pathsep}{BENCH}",
         "POLICY_SERVER_DIR": str(folder),
@@ -264,6 +330,11 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> float:
 
 def wrk(url: str, workload: Workload, concurrency: int, duration: int, scratch: Path) -> dict[str, float]:
     """One wrk run; its own cost is one thread of the two cores, the same for every configuration."""
+    command = wrk_command(url, workload, concurrency, duration, scratch)
+    return parse_wrk(subprocess.run(command, capture_output=True, text=True, check=True, timeout=duration + 60).stdout)
+
+
+def wrk_command(url: str, workload: Workload, concurrency: int, duration: int, scratch: Path) -> list[str]:
     body = scratch / f"{workload.name}.json"
     body.write_text(json.dumps(workload.body))
     script = scratch / f"{workload.name}.lua"
@@ -272,9 +343,7 @@ def wrk(url: str, workload: Workload, concurrency: int, duration: int, scratch: 
         f'wrk.headers["Content-Type"] = "application/json"\nwrk.headers["access-token"] = "{API_KEY}"\n'
         f'local f = io.open("{body}", "r"); wrk.body = f:read("*a"); f:close()\n'
     )
-    command = [*WRK_CORE, "wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--latency", "-s", str(script), url + workload.path]
-    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=duration + 60).stdout
-    return parse_wrk(output)
+    return [*WRK_CORE, "wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--latency", "-s", str(script), url + workload.path]
 
 
 def parse_wrk(output: str) -> dict[str, float]:
@@ -344,26 +413,118 @@ def measure(group: list[Config], folders: dict[str, Path], duration: int, scratc
                     if not todo:
                         continue
                     result = wrk(url, todo[0], concurrency, max(1, duration // ROUNDS), scratch)
-                    run = Run(
-                        config=config.name,
-                        workload=name,
-                        concurrency=concurrency,
-                        requests_per_s=result["requests_per_s"],
-                        observations_per_s=result["requests_per_s"] * todo[0].rows,
-                        p50_ms=result["p50_ms"],
-                        p99_ms=result["p99_ms"],
-                        rss_mib=tree_rss_mib(process.pid),
-                        ready_s=ready_s,
-                        cold_ready_s=cold_ready_s,
-                        errors=int(result["errors"]),
-                    )
+                    run = _run(config, todo[0], concurrency, result, process, ready_s, cold_ready_s)
                     samples.setdefault((config.name, name, concurrency), []).append(run)
-                    print(
-                        f"{config.name:20} {name:10} c={concurrency:<3} {run.requests_per_s:9.0f} req/s  p50 {run.p50_ms:.3f} ms",
-                        flush=True,
-                    )
     order = [(config.name, w.name, c) for config in group for w, c in plan(config, levels_of(config, concurrencies))]
     return [_median(samples[key]) for key in order]
+
+
+def _run(
+    config: Config,
+    workload: Workload,
+    concurrency: int,
+    result: dict[str, float],
+    process: subprocess.Popen[bytes],
+    ready_s: float,
+    cold_ready_s: float | None,
+    switch_s: float | None = None,
+) -> Run:
+    """One wrk run's figures, with the server's RSS read now."""
+    run = Run(
+        config=config.name,
+        workload=workload.name,
+        concurrency=concurrency,
+        requests_per_s=result["requests_per_s"],
+        observations_per_s=result["requests_per_s"] * workload.rows,
+        p50_ms=result["p50_ms"],
+        p99_ms=result["p99_ms"],
+        rss_mib=tree_rss_mib(process.pid),
+        ready_s=ready_s,
+        cold_ready_s=cold_ready_s,
+        errors=int(result["errors"]),
+        switch_s=switch_s,
+    )
+    switched = f"  rename → active {switch_s:.2f} s" if switch_s is not None else ""
+    print(
+        f"{config.name:20} {workload.name:10} c={concurrency:<3} {run.requests_per_s:9.0f} req/s  p50 {run.p50_ms:.3f} ms{switched}",
+        flush=True,
+    )
+    return run
+
+
+def measure_switch(config: Config, folder: Path, duration: int, scratch: Path) -> list[Run]:
+    """Versions published under load. One server; each of the ROUNDS rounds publishes the next
+    version (2, 3, ...) and runs wrk three times back to back: before, during (from `switch_lead_s`
+    before the rename to SWITCH_MARGIN_S after /policies shows the new version active) and after.
+    Each phase is reported as the median of its rounds, as `predict:before`, `predict:during`, ..."""
+    predict = workloads(config.policy)[0]
+    phases = {phase: replace(predict, name=f"{predict.name}:{phase}") for phase in SWITCH_PHASES}
+    samples: dict[str, list[Run]] = {phase: [] for phase in SWITCH_PHASES}
+    run_s = max(1, duration // ROUNDS)
+    with started(config, folder, scratch) as (url, process, ready_s, cold_ready_s):
+
+        def record(phase: str, result: dict[str, float], switch_s: float | None = None) -> None:
+            samples[phase].append(_run(config, phases[phase], SWITCH_CONCURRENCY, result, process, ready_s, cold_ready_s, switch_s))
+
+        for round_index, version in enumerate(range(2, 2 + ROUNDS)):
+            record("before", wrk(url, phases["before"], SWITCH_CONCURRENCY, run_s, scratch))
+            record("during", *publish_under_load(url, phases["during"], folder / SWITCHED, version, switch_lead_s(round_index), scratch))
+            record("after", wrk(url, phases["after"], SWITCH_CONCURRENCY, run_s, scratch))
+            _check_answered_by(url, predict, str(version))
+    return [_median(samples[phase]) for phase in SWITCH_PHASES]
+
+
+def switch_lead_s(round_index: int) -> float:
+    """How far into a round's "during" run its version is renamed: SWITCH_MARGIN_S, plus a step of
+    the watcher's period per round. Runs of whole seconds would otherwise rename just after a scan
+    in every round, the slowest case."""
+    return SWITCH_MARGIN_S + round_index * SWITCH_WATCH_S / ROUNDS
+
+
+def publish_under_load(
+    url: str, workload: Workload, policy: Path, version: int, lead_s: float, scratch: Path
+) -> tuple[dict[str, float], float]:
+    """wrk's figures while `version` is published (renamed `lead_s` into the run), and the seconds
+    from its rename to its being active (the server's `loaded_at` in /policies: the moment it switched)."""
+    command = wrk_command(url, workload, SWITCH_CONCURRENCY, SWITCH_TIMEOUT_S, scratch)
+    with httpx.Client(base_url=url, timeout=10) as client:
+        if (active := _policy_entry(client)["active"]) != str(version - 1):
+            raise RuntimeError(f"before publishing version {version}, version {active} is active")
+        load = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(lead_s)
+            renamed_at = publish(policy, version, scratch / "staging")
+            activated_at = _wait_active(client, str(version), time.monotonic() + SWITCH_TIMEOUT_S - lead_s - SWITCH_MARGIN_S)
+            time.sleep(SWITCH_MARGIN_S)
+        finally:
+            load.send_signal(signal.SIGINT)  # wrk stops and prints its figures
+            output, errors = load.communicate(timeout=60)
+    if load.returncode != 0:
+        raise RuntimeError(f"wrk failed: {errors}")
+    return parse_wrk(output), activated_at - renamed_at
+
+
+def _policy_entry(client: httpx.Client) -> dict[str, Any]:
+    return next(entry for entry in client.get("/policies").json()["policies"] if entry["name"] == SWITCHED)
+
+
+def _wait_active(client: httpx.Client, version: str, deadline: float) -> float:
+    """When `version` became active (server time), once /policies says it is."""
+    while time.monotonic() < deadline:
+        entry = _policy_entry(client)
+        status = next((v for v in entry["versions"] if v["version"] == version), {})
+        if entry["active"] == version:
+            return float(status["loaded_at"])
+        if status.get("state") == "failed":
+            raise RuntimeError(f"version {version} failed to load: {status['error']}")
+        time.sleep(0.1)
+    raise RuntimeError(f"version {version} not active within {SWITCH_TIMEOUT_S} s")
+
+
+def _check_answered_by(url: str, workload: Workload, version: str) -> None:
+    answer = httpx.post(url + workload.path, json=workload.body, headers={"access-token": API_KEY}, timeout=10)
+    if answer.status_code != 200 or answer.headers.get("x-policy-version") != version:
+        raise RuntimeError(f"after the switch to version {version}: {answer.status_code} {answer.headers.get('x-policy-version')}")
 
 
 def levels_of(config: Config, concurrencies: tuple[int, ...]) -> tuple[int, ...]:
@@ -371,9 +532,15 @@ def levels_of(config: Config, concurrencies: tuple[int, ...]) -> tuple[int, ...]
 
 
 def _median(rounds: list[Run]) -> Run:
-    """The round of median throughput, with the highest RSS seen and every error counted."""
+    """The round of median throughput, with the highest RSS seen, every error counted and the median switch time."""
     middle = sorted(rounds, key=lambda run: run.requests_per_s)[len(rounds) // 2]
-    return replace(middle, rss_mib=max(r.rss_mib for r in rounds), errors=sum(r.errors for r in rounds))
+    switches = [r.switch_s for r in rounds if r.switch_s is not None]
+    return replace(
+        middle,
+        rss_mib=max(r.rss_mib for r in rounds),
+        errors=sum(r.errors for r in rounds),
+        switch_s=statistics.median(switches) if switches else None,
+    )
 
 
 # --- reporting --------------------------------------------------------------------------------
@@ -405,15 +572,44 @@ def report(runs: list[Run], configs: list[Config], duration: int) -> str:
             f"{run.p99_ms:.3f} | {ratio} | {p50} | {run.rss_mib:.0f} | {run.ready_s:.2f} | {run.errors} |"
         )
     lines += ["", "Configurations:", ""] + [f"- `{c.name}`: {c.note}" for c in configs]
-    lines += ["", "## Targets", "", *targets(by_key), "", (BENCH / "tuning.md").read_text().strip()]
+    lines += ["", "## Targets", "", *targets(by_key), ""]
+    if any(run.config in REPOSITORY_CONFIGS for run in runs):
+        lines += ["## Several policies, a version switch under load", "", REPOSITORY_METHOD, ""]
+    lines += [(BENCH / "tuning.md").read_text().strip()]
     return "\n".join(lines) + "\n"
 
 
-def targets(by_key: dict[tuple[str, str, int], Run]) -> list[str]:
-    def check(label: str, ok: bool | None, figure: str) -> str:
-        verdict = "not measured" if ok is None else ("met" if ok else "**missed**")
-        return f"- {label}: {figure} — {verdict}"
+REPOSITORY_CONFIGS = ("repo-1", "repo-10", "switch-under-load")
+REPOSITORY_METHOD = f"""\
+`repo-1` and `repo-10` are our server on a repository (`POLICY_SERVER_DIR` a folder of policy
+folders) of one and of {REPOSITORY_SIZE} copies of the default example, each copy under its own name
+and key, `POLICY_SERVER_DEFAULT` the first; they run in the same interleaved rounds as the other
+one-core servers. Memory per extra policy is (RSS of `repo-10` − RSS of `repo-1`) / {REPOSITORY_SIZE - 1}, each
+the server's process tree at its highest over its runs; the throughput target compares their
+/predict (the default policy) at c=32.
 
+`switch-under-load` is one server on a repository of one policy. Each of its {ROUNDS} rounds publishes
+the next version (2, 3, ...: the default example's model again, written elsewhere and renamed into
+`models/N`, as the README says) and runs wrk on /predict at c={SWITCH_CONCURRENCY} three times back to back:
+`predict:before`, `predict:during` and `predict:after`. The during run starts {SWITCH_MARGIN_S:g} to {switch_lead_s(ROUNDS - 1):.1f} s
+before the rename (each round renames at another point of the watcher's period) and ends {SWITCH_MARGIN_S:g} s
+after `/policies` shows the new version active. A row is the median of its rounds; its errors
+(non-2xx answers and socket errors) are summed over them. After each round, an answer's
+`X-Policy-Version` must name the new version. Rename → active is the new version's `loaded_at` in
+`/policies` less the moment of the rename (the median of the rounds). With the watcher's default
+period (`POLICY_SERVER_WATCH`, {SWITCH_WATCH_S:g} s) it is {SWITCH_WATCH_S:g} to {2 * SWITCH_WATCH_S:g} s, mostly waiting: a version is loaded
+once two scans in a row saw the same files, and loading it beside the active one is a small part
+of that. So the during run is mostly steady serving, and a dip while the version loads is averaged
+over it. The copied model's trace is cached (by its sha256): a new model also pays its first trace
+while it loads (the `local` first start, in the targets)."""
+
+
+def check(label: str, ok: bool | None, figure: str) -> str:
+    verdict = "not measured" if ok is None else ("met" if ok else "**missed**")
+    return f"- {label}: {figure} — {verdict}"
+
+
+def targets(by_key: dict[tuple[str, str, int], Run]) -> list[str]:
     local32, ref32 = by_key.get(("local", "predict", 32)), by_key.get(("reference", "predict", 32))
     local1, ref1 = by_key.get(("local", "predict", 1)), by_key.get(("reference", "predict", 1))
     batch = by_key.get(("local", f"batch{BATCH_ROWS}", 1))
@@ -452,6 +648,30 @@ def targets(by_key: dict[tuple[str, str, int], Run]) -> list[str]:
         rows.append(check("ray c=32 throughput ≥ 2× the seed design", ray32.requests_per_s >= 2 * seed32.requests_per_s, times))
     if ray_runs:
         rows.append(check("ray time to ready ≤ 25 s", ray_runs[0].ready_s <= 25, f"{ray_runs[0].ready_s:.2f} s"))
+    return rows + repository_targets(by_key)
+
+
+def repository_targets(by_key: dict[tuple[str, str, int], Run]) -> list[str]:
+    """Several policies in one server (`repo-10` against `repo-1`), and a version switch under load."""
+    rows = []
+    one, many = by_key.get(("repo-1", "predict", 32)), by_key.get(("repo-10", "predict", 32))
+    if one and many:
+        rss_one, rss_many = (max(r.rss_mib for (name, _, _), r in by_key.items() if name == config) for config in ("repo-1", "repo-10"))
+        per_policy = (rss_many - rss_one) / (REPOSITORY_SIZE - 1)
+        figure = f"{per_policy:.1f} MiB (RSS {rss_one:.0f} → {rss_many:.0f} MiB; time to ready {one.ready_s:.2f} → {many.ready_s:.2f} s)"
+        rows.append(check(f"{REPOSITORY_SIZE} policies: memory per extra policy ≤ 30 MiB", per_policy <= 30, figure))
+        ratio = many.requests_per_s / one.requests_per_s
+        rows.append(
+            check(f"{REPOSITORY_SIZE} policies: the default's c=32 throughput within 5 % of one policy's", ratio >= 0.95, f"{ratio:.2f}×")
+        )
+    phases = [by_key.get(("switch-under-load", f"predict:{phase}", SWITCH_CONCURRENCY)) for phase in SWITCH_PHASES]
+    if all(phases):
+        errors = sum(run.errors for run in phases if run)
+        rates = " / ".join(f"{run.requests_per_s:,.0f}" for run in phases if run)
+        during = phases[1]
+        switch = f"; rename → active {during.switch_s:.2f} s" if during and during.switch_s is not None else ""
+        figure = f"{errors} failed requests; req/s before / during / after {rates}{switch}"
+        rows.append(check(f"a version published under load (c={SWITCH_CONCURRENCY}): no failed request", errors == 0, figure))
     return rows
 
 
@@ -480,6 +700,18 @@ def plot(runs: list[Run], target: Path) -> None:
     figure.savefig(target, dpi=110)
 
 
+def read_runs(results: Path) -> list[Run]:
+    return [Run(**row) for row in json.loads(results.read_text())] if results.exists() else []
+
+
+def updated(earlier: list[Run], measured: list[Run]) -> list[Run]:
+    """The rows measured now in place of the earlier ones of the same configurations; the others kept, all in the configurations' order."""
+    order = [config.name for config in configurations()]
+    measured_configs = {run.config for run in measured}
+    kept = [run for run in earlier if run.config not in measured_configs] + measured
+    return sorted(kept, key=lambda run: order.index(run.config) if run.config in order else len(order))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
@@ -488,6 +720,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=BENCH, help="where results.json and RESULTS.md go")
     parser.add_argument("--plot", type=Path, default=REPO / "assets" / "bench.png")
     parser.add_argument("--from-results", action="store_true", help="measure nothing: write RESULTS.md and the plot from results.json")
+    parser.add_argument("--update", action="store_true", help="keep results.json's rows of the configurations not measured now")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench: wrk is not installed; fix: apt-get install -y wrk")
@@ -495,7 +728,7 @@ def main() -> None:
     configs = [c for c in configurations() if not wanted or c.name in wanted]
     concurrencies = (1, 32) if args.no_sweep else SWEEP
     if args.from_results:
-        runs = [Run(**row) for row in json.loads((args.out / "results.json").read_text())]
+        runs = read_runs(args.out / "results.json")
         (args.out / "RESULTS.md").write_text(report(runs, configs, args.duration))
         plot(runs, args.plot)
         print(f"wrote {args.out / 'RESULTS.md'} from its results.json")
@@ -504,9 +737,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="policy-bench-") as scratch:
         folders = prepare_policies(Path(scratch) / "policies")
         # The one-core servers side by side, interleaved; each Ray server alone (they need both cores).
-        groups = [[c for c in configs if c.pinned]] + [[c] for c in configs if not c.pinned]
+        groups = [[c for c in configs if c.pinned and not c.switch]] + [[c] for c in configs if not c.pinned and not c.switch]
         for group in filter(None, groups):
             runs += measure(group, folders, args.duration, Path(scratch), concurrencies)
+        for config in configs:
+            if config.switch:
+                runs += measure_switch(config, folders[config.policy], args.duration, Path(scratch))
+    if args.update:
+        runs = updated(read_runs(args.out / "results.json"), runs)
+        configs = [c for c in configurations() if c.name in {r.config for r in runs}]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
     (args.out / "RESULTS.md").write_text(report(runs, configs, args.duration))
