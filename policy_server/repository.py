@@ -11,6 +11,7 @@ Only reads the file system: nothing is loaded here (`lifecycle.py` loads what a 
   stamp between two scans, so the watcher loads only what two scans in a row saw unchanged.
 """
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,9 +129,10 @@ def _sub_folders(root: Path) -> list[Path]:
 
 
 def read_policy(folder: Path) -> PolicySource:
-    schema_stamp = FileStamp.of(folder / SCHEMA_FILE)
+    schema_file = folder / SCHEMA_FILE if (folder / SCHEMA_FILE).is_file() else folder / BUNDLE
+    schema_stamp = FileStamp.of(schema_file)
     try:
-        spec = load_policy_spec(folder)
+        spec = _spec_of(folder, schema_stamp)
     except ConfigError as error:
         return PolicySource(folder.name, folder, None, schema_stamp, error=error)
     try:
@@ -138,6 +140,13 @@ def read_policy(folder: Path) -> PolicySource:
     except ConfigError as error:
         return PolicySource(spec.name, folder, spec, schema_stamp, error=error)
     return PolicySource(spec.name, folder, spec, schema_stamp, versions)
+
+
+@functools.lru_cache(maxsize=1024)
+def _spec_of(folder: Path, stamp: FileStamp) -> PolicySpec:
+    """The folder's schema, parsed again only when its file changed (the watcher reads every
+    policy every few seconds). `stamp` is the cache key."""
+    return load_policy_spec(folder)
 
 
 def _versions(folder: Path, spec: PolicySpec) -> Iterable[VersionSource]:
