@@ -5,24 +5,20 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from servers import REPO
 
 
+def run_harness(configs: str, out: Path, timeout_s: float) -> list[dict[str, Any]]:
+    """`bench/run.py` for `configs`, a second per run, into `out`: its results.json rows."""
+    command = [sys.executable, str(REPO / "bench" / "run.py"), "--duration", "1", "--configs", configs, "--no-sweep", "--out", str(out)]
+    subprocess.run(command, check=True, timeout=timeout_s, cwd=REPO, capture_output=True)
+    return json.loads((out / "results.json").read_text())
+
+
 def test_harness_runs_end_to_end(tmp_path: Path) -> None:
-    command = [
-        sys.executable,
-        str(REPO / "bench" / "run.py"),
-        "--duration",
-        "1",
-        "--configs",
-        "reference,local",
-        "--no-sweep",
-        "--out",
-        str(tmp_path),
-    ]
-    subprocess.run(command, check=True, timeout=300, cwd=REPO, capture_output=True)
-    runs = json.loads((tmp_path / "results.json").read_text())
+    runs = run_harness("reference,local", tmp_path, timeout_s=300)
     assert {(r["config"], r["workload"], r["concurrency"]) for r in runs} == {
         (config, "predict", c) for config in ("reference", "local") for c in (1, 32)
     } | {(config, "batch1024", 1) for config in ("reference", "local")}
@@ -33,19 +29,8 @@ def test_harness_runs_end_to_end(tmp_path: Path) -> None:
 
 def test_the_repository_rows_run_end_to_end(tmp_path: Path) -> None:
     """Ten policies against one, and versions published under wrk: every phase answered, the switch seen."""
-    command = [
-        sys.executable,
-        str(REPO / "bench" / "run.py"),
-        "--duration",
-        "1",
-        "--configs",
-        "repo-1,repo-10,switch-under-load",
-        "--no-sweep",
-        "--out",
-        str(tmp_path),
-    ]
-    subprocess.run(command, check=True, timeout=600, cwd=REPO, capture_output=True)
-    runs = {(r["config"], r["workload"], r["concurrency"]): r for r in json.loads((tmp_path / "results.json").read_text())}
+    rows = run_harness("repo-1,repo-10,switch-under-load", tmp_path, timeout_s=600)
+    runs = {(r["config"], r["workload"], r["concurrency"]): r for r in rows}
     assert {key for key in runs if key[0] == "switch-under-load"} == {
         ("switch-under-load", f"predict:{phase}", 32) for phase in ("before", "during", "after")
     }
