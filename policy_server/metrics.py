@@ -11,9 +11,11 @@ import multiprocessing
 import os
 import time
 from collections import Counter as Tally
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -41,12 +43,76 @@ POLICY_HEADER = b"x-policy-name"  # which policy and version answered a predicti
 VERSION_HEADER = b"x-policy-version"
 
 
+Series = Counter | Histogram  # a child: one label set's series
+
+
+class Observations:
+    """The hot path's counts and observations, applied to their series in bulk.
+
+    prometheus_client takes a lock per value it changes and walks a histogram's buckets in Python:
+    several microseconds per request, a share of a one-row /predict that shows at high request
+    rates (bench/RESULTS.md, `local-no-metrics`). Here a request appends (series, value) to a
+    queue, and `apply` (before each scrape, and whenever the queue holds `limit`) adds each
+    series' total once and sorts a histogram's values into its buckets with numpy.
+
+    `deferred=False` applies each at once: with PROMETHEUS_MULTIPROC_DIR, every worker's values
+    are in shared files, and a scrape answered by one worker cannot apply another's queue.
+    A deque, because forward passes on the worker thread observe too: its append and popleft
+    are atomic.
+    """
+
+    def __init__(self, deferred: bool, limit: int = 4096) -> None:
+        self.deferred = deferred
+        self.limit = limit
+        self._queue: deque[tuple[Series, float]] = deque()
+
+    def add(self, series: Series, value: float = 1.0) -> None:
+        """Count `value` (a Counter) or observe it (a Histogram)."""
+        if not self.deferred:
+            _apply_one(series, value)
+            return
+        self._queue.append((series, value))
+        if len(self._queue) >= self.limit:
+            self.apply()
+
+    def apply(self) -> None:
+        queue = self._queue
+        values_of: dict[int, tuple[Series, list[float]]] = {}
+        for _ in range(len(queue)):  # what others append meanwhile waits for the next apply
+            series, value = queue.popleft()
+            values_of.setdefault(id(series), (series, []))[1].append(value)
+        for series, values in values_of.values():
+            if isinstance(series, Histogram):
+                _observe_all(series, values)
+            else:
+                series.inc(sum(values))
+
+
+def _apply_one(series: Series, value: float) -> None:
+    if isinstance(series, Histogram):
+        series.observe(value)
+    else:
+        series.inc(value)
+
+
+def _observe_all(histogram: Histogram, values: list[float]) -> None:
+    """As `observe` for each value: a value goes to the first bucket whose bound is at least it.
+    (prometheus_client keeps per-bucket counts, summed into cumulative ones at exposition.)"""
+    bounds = histogram._upper_bounds  # private: a histogram has no public bulk update
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    histogram._sum.inc(float(np.sum(values)))
+    for bucket, count in zip(histogram._buckets, counts.tolist(), strict=True):
+        if count:
+            bucket.inc(count)
+
+
 class Metrics:
     """The server's metrics and their exposition; `for_policy` gives one policy's view of them."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        self.observations = Observations(deferred=not self.multiprocess)
         registry = self.registry
         self.requests = Counter(
             "policy_server_requests",
@@ -116,6 +182,7 @@ class Metrics:
         return PolicyMetrics(self, name)
 
     def exposition(self) -> tuple[bytes, str]:
+        self.observations.apply()
         registry = self.registry
         if self.multiprocess:
             registry = CollectorRegistry()
@@ -162,17 +229,19 @@ class PolicyMetrics:
         self._shed.inc()
 
     def observe_batch(self, rows: int, seconds: float) -> None:
-        self._batch_size.observe(rows)
-        self._inference.observe(seconds)
+        observations = self.metrics.observations
+        observations.add(self._batch_size, rows)
+        observations.add(self._inference, seconds)
 
     def count_actions(self, actions: Sequence[Sequence[Any]], version: str) -> None:
         """Count the discrete actions of each row (continuous actions have no label to count)."""
+        observations = self.metrics.observations
         for head, counters in enumerate(self._action_counters.get(version, ())):
             if len(actions) == 1:
-                counters[actions[0][head]].inc()
+                observations.add(counters[actions[0][head]])
             else:
                 for action, count in Tally(row[head] for row in actions).items():
-                    counters[action].inc(count)
+                    observations.add(counters[action], count)
 
 
 class RequestMetrics:
@@ -223,5 +292,6 @@ class RequestMetrics:
             timer = self._timed.get((route, policy))
             if timer is None:
                 timer = self._timed[route, policy] = self.metrics.request_duration.labels(route, policy.decode("latin-1"))
-            counter.inc()
-            timer.observe(elapsed)
+            observations = self.metrics.observations
+            observations.add(counter)
+            observations.add(timer, elapsed)

@@ -1,13 +1,19 @@
 """/metrics after known traffic: exact counts, histogram counts, labels; no key; workers summed."""
 
+import random
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import API_KEY, AUTH, MOUSE_OBSERVATION, MakePolicyDir, constant_logits
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from servers import free_port, running_server, serve_command
+
+from policy_server.metrics import LATENCY_BUCKETS, Observations
 
 MASKED_SCHEMA = """\
 parameters: {discrete: true, tuple: true, api_key: "1234567asdfgh"}
@@ -96,3 +102,32 @@ def test_several_workers_are_summed(mouse_dir: Path, tmp_path: Path) -> None:
     for text in scrapes:
         assert sample_value(text, "policy_server_requests_total", {"route": "/predict", "status": "200"}) == 40
         assert sample_value(text, "policy_server_batch_size_sum") == 40
+
+
+def test_deferred_observations_expose_what_direct_ones_do() -> None:
+    """Applied in bulk, counts and histogram buckets (values on the bounds too) come out as the
+    same values observed one by one would, including values appended from another thread."""
+    rng = random.Random(7)
+    values = [*LATENCY_BUCKETS, 0.0, 10.0, *(rng.uniform(0.0002, 0.02) for _ in range(500))]
+    exposed = []
+    for deferred in (False, True):
+        registry = CollectorRegistry()
+        histogram = Histogram("latency_seconds", "t", ["route"], buckets=LATENCY_BUCKETS, registry=registry)
+        counter = Counter("answers", "n", ["route"], registry=registry)
+        observations = Observations(deferred=deferred, limit=64)
+        children = histogram.labels("/predict"), counter.labels("/predict")
+        other_thread = threading.Thread(target=lambda: [observations.add(children[1], 2) for _ in range(300)])  # noqa: B023
+        other_thread.start()
+        for value in values:
+            observations.add(children[0], value)
+            observations.add(children[1])
+        other_thread.join()
+        observations.apply()
+        exposed.append(generate_latest(registry).decode())
+    direct, deferred_text = exposed
+    without_sum = [[line for line in text.splitlines() if "_sum" not in line] for text in exposed]
+    assert without_sum[1] == without_sum[0]
+    total = sample_value(direct, "latency_seconds_sum")
+    assert sample_value(deferred_text, "latency_seconds_sum") == pytest.approx(total, rel=1e-12)  # summed in another order
+    assert sample_value(direct, "answers_total") == len(values) + 600
+    assert sample_value(direct, "latency_seconds_bucket", {"le": "0.0001"}) == 2  # 0.0 and 0.0001 itself
