@@ -6,11 +6,13 @@ into the one vector op per request that makes rows.
 """
 
 import math
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 from itertools import accumulate, chain, pairwise
 from typing import Annotated, Any
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, GetJsonSchemaHandler, create_model
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
@@ -231,6 +233,58 @@ class RowEncoder:
     def _flatten(self, observation: dict[str, Any]) -> list[Any]:
         values = observation.values()
         return list(chain.from_iterable(v if is_list else (v,) for v, is_list in zip(values, self._list_flags, strict=True)))
+
+
+class PlainBatchReader:
+    """The rows of a /predict_batch body, read without pydantic when the body is plainly valid.
+
+    A pydantic model per observation costs more than the policy's forward pass on a batch
+    (bench/RESULTS.md, "How the targets were reached"). For a schema of scalar numbers only, the
+    body is parsed with orjson and checked column by column instead: every observation an object
+    with every field, every value a JSON number within the field's bounds (ints whole), all
+    within ±INT_LIMIT. `rows` gives None for anything else, and the caller validates the body as
+    usual, whose 422 says what is wrong; so this accepts only what the model accepts (a subset:
+    what it leaves, such as a huge number orjson reads as a float, the model judges).
+    """
+
+    _NUMBER_TYPES = frozenset({int, float})
+
+    def __init__(self, fields: Sequence[ObservationField]) -> None:
+        names = [obs.name for obs in fields]
+        getter = operator.itemgetter(*names)
+        self._values_of: Callable[[Any], tuple[Any, ...]] = getter if len(names) > 1 else lambda observation: (getter(observation),)
+        self._width = len(names)
+        bounds = [(obs.minimum, obs.maximum) for obs in fields]
+        self._lows = np.array([-INT_LIMIT if low is None else max(low, -INT_LIMIT) for low, _ in bounds])
+        self._highs = np.array([INT_LIMIT if high is None else min(high, INT_LIMIT) for _, high in bounds])
+        self._int_columns = np.array([obs.kind == "int" for obs in fields])
+
+    @classmethod
+    def of(cls, spec: PolicySpec) -> "PlainBatchReader | None":
+        """A reader for a schema whose observations are all float or int scalars, else None."""
+        fields = spec.observations or ()
+        if not fields or any(obs.is_list or obs.kind == "bool" for obs in fields):
+            return None
+        return cls(fields)
+
+    def rows(self, body: bytes) -> np.ndarray | None:
+        """The float32 rows, in schema order; None if the body is not plainly valid (or empty)."""
+        try:
+            observations = orjson.loads(body)["observations"]
+            values = list(map(self._values_of, observations))
+        except (orjson.JSONDecodeError, KeyError, TypeError):  # not JSON, a field or "observations" missing, not objects
+            return None
+        if type(observations) is not list or not values:
+            return None
+        flat = list(chain.from_iterable(values))
+        if not set(map(type, flat)) <= self._NUMBER_TYPES:  # bools, strings, nulls, lists: the model says which
+            return None
+        matrix = np.array(flat, dtype=np.float64).reshape(len(values), self._width)
+        outside = (matrix < self._lows) | (matrix > self._highs)
+        fractional = self._int_columns & (matrix != np.floor(matrix))
+        if (outside | fractional).any():
+            return None
+        return matrix.astype(np.float32)
 
 
 def raw_rows(raw: RawObservation) -> np.ndarray:

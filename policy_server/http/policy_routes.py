@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 from pydantic import BaseModel
@@ -24,6 +25,7 @@ from policy_server.json_io import json_response
 from policy_server.lifecycle import ServedPolicy
 from policy_server.observations import (
     Distribution,
+    PlainBatchReader,
     RowEncoder,
     batch_decisions_model,
     batch_model,
@@ -125,20 +127,22 @@ def _add_observation_routes(router: APIRouter, served: ServedPolicy, place: Plac
     observation_route("/predict_deterministic", Kind.DETERMINISTIC, Decision, "The most likely action (continuous: the mean)")
     observation_route("/distribution", Kind.DISTRIBUTION, Distribution, "Every head's probabilities (continuous: mean and std)")
 
+    async def answer_rows(rows: np.ndarray, seed: int | None, deterministic: bool = False) -> Response:
+        kind = Kind.DETERMINISTIC if deterministic else Kind.SAMPLE
+        decisions = await served.admission.run(Task(rows, kind, seed))
+        assert isinstance(decisions, Decisions)
+        _count(served, decisions)
+        results = [{"actions": a, "probability": p} for a, p in zip(decisions.actions, decisions.probabilities, strict=True)]
+        return json_response({"results": results}, headers=_headers(served, decisions.version))
+
     async def predict_batch(
         batch: ObservationBatch,  # type: ignore[valid-type]
         seed: Seed = None,
         deterministic: Annotated[bool, Query(description="The most likely actions instead of samples.")] = False,
     ) -> Response:
-        observations = batch.observations
-        if not observations:
+        if not batch.observations:
             return json_response({"results": []}, headers={"X-Policy-Name": served.name})
-        kind = Kind.DETERMINISTIC if deterministic else Kind.SAMPLE
-        decisions = await served.admission.run(Task(encoder.encode(observations), kind, seed))
-        assert isinstance(decisions, Decisions)
-        _count(served, decisions)
-        results = [_decision(decisions, row) for row in range(len(observations))]
-        return json_response({"results": results}, headers=_headers(served, decisions.version))
+        return await answer_rows(encoder.encode(batch.observations), seed, deterministic)
 
     router.add_api_route(
         "/predict_batch",
@@ -149,6 +153,10 @@ def _add_observation_routes(router: APIRouter, served: ServedPolicy, place: Plac
         response_model=batch_decisions_model(Decision, place.model_prefix),
         openapi_extra={"requestBody": {"content": {"application/json": {"example": {"observations": [example, example]}}}}},
     )
+    reader = PlainBatchReader.of(spec)
+    batch_route = router.routes[-1]
+    if reader is not None and isinstance(batch_route, PredictionRoute):
+        batch_route.read_rows_with(reader.rows, answer_rows)
 
 
 def _add_raw_route(router: APIRouter, served: ServedPolicy, place: Placement) -> None:

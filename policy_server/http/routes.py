@@ -10,13 +10,16 @@ everything about a request is plain (a declared Content-Length, a body that vali
 query but `?seed=N`), the route calls its endpoint itself, with the validated body. Anything else
 (a body that fails validation, other query parameters) goes to FastAPI's handler, body included,
 so every error is FastAPI's documented answer: one route table, one endpoint per route, errors
-mapped in errors.py.
+mapped in errors.py. A route may also read plain bodies straight into rows (`read_rows_with`:
+/predict_batch, where validating a model per observation costs more than the forward pass).
 """
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
+from fastapi.responses import Response
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
@@ -59,6 +62,10 @@ class GuardedRoute(OrjsonRoute):
         await self.fastapi_app(scope, receive, send)
 
 
+RowsReader = Callable[[bytes], np.ndarray | None]  # a body's rows, or None: validate it as usual
+RowsAnswer = Callable[[np.ndarray, int | None], Awaitable[Response]]  # rows and seed → the endpoint's answer
+
+
 class PredictionRoute(GuardedRoute):
     """A POST route of one JSON body and an optional `seed`: plain requests skip FastAPI's handler."""
 
@@ -67,6 +74,11 @@ class PredictionRoute(GuardedRoute):
         (body,) = self.dependant.body_params
         self.body_name = body.name
         self.validate = TypeAdapter(body.field_info.annotation).validate_json
+        self.rows_route: tuple[RowsReader, RowsAnswer] | None = None
+
+    def read_rows_with(self, read: RowsReader, answer: RowsAnswer) -> None:
+        """Plain bodies that `read` turns into rows are answered by `answer`, as the endpoint would."""
+        self.rows_route = read, answer
 
     async def answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         seed = _plain_seed(scope["query_string"])
@@ -74,13 +86,19 @@ class PredictionRoute(GuardedRoute):
             await self.fastapi_app(scope, receive, send)  # the body is untouched: FastAPI reads it
             return
         body = await _read_body(receive)
+        rows = self.rows_route[0](body) if self.rows_route is not None else None
+        if rows is not None:
+            assert self.rows_route is not None
+            answering = self.rows_route[1](rows, seed)
+        else:
+            try:
+                validated = self.validate(body)
+            except ValidationError:
+                await self.fastapi_app(scope, _replay(body, receive), send)  # FastAPI's 422, with its details
+                return
+            answering = self.endpoint(**{self.body_name: validated, "seed": seed})
         try:
-            validated = self.validate(body)
-        except ValidationError:
-            await self.fastapi_app(scope, _replay(body, receive), send)  # FastAPI's 422, with its details
-            return
-        try:
-            response = await self.endpoint(**{self.body_name: validated, "seed": seed})
+            response = await answering
         except (InputError, PolicyFailure, Overloaded) as exc:
             response = policy_error_response(exc)
         await response(scope, receive, send)
