@@ -87,8 +87,9 @@ def requests(protocol: str, observation: dict[str, float], rows: int) -> list[tu
 
 
 def version(peer: Peer) -> str:
-    """The framework's pinned version, from its requirements file."""
-    for line in requirements(peer.name).read_text().splitlines():
+    """The framework's pinned version, from its requirements file ("?" without one)."""
+    pins = requirements(peer.name)
+    for line in pins.read_text().splitlines() if pins.exists() else []:
         name, _, pinned = line.partition("==")
         if name.split("[")[0].strip().lower() == peer.package:
             return pinned.strip()
