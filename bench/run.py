@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import peers  # bench/peers.py: this script's folder is first on sys.path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ SWITCH_TIMEOUT_S = 60
 class Workload:
     name: str
     path: str
-    body: dict[str, object]
+    body: object  # posted as JSON
     rows: int  # observations per request
 
 
@@ -76,6 +77,8 @@ class Config:
     cold_start: bool = False  # also time a first start, before the model's trace is cached
     pinned: bool = True  # the server on its own core, away from wrk's (Ray needs both: not pinned)
     switch: bool = False  # measured by `measure_switch`: versions published under load, not the usual plan
+    peer: str = ""  # a peer (bench/peers.py): run from its own venv, ready at its first 200 answer to requests[0]
+    requests: tuple[Workload, ...] = ()  # its own routes and bodies, in place of `workloads(policy)`
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Run:
     errors: int
     cold_ready_s: float | None = None
     switch_s: float | None = None  # from a version's rename into models/ to its being active (the switch rows)
+    failure: str | None = None  # a peer that did not install or run here: why (its only row, no figures)
 
 
 # --- policies to serve ------------------------------------------------------------------------
@@ -201,6 +205,23 @@ def hardened(command: Callable[[int], list[str]]) -> Callable[[int], list[str]]:
     return lambda port: [*command(port), "--http", "policy_server.protocol:HardenedHTTP"]
 
 
+def peer_config(peer: peers.Peer) -> Config:
+    """A peer as a configuration: its server script from its venv, its own requests, the TorchScript model."""
+    requests = tuple(
+        Workload(name, path, body, rows)
+        for (name, path, body), rows in zip(peers.requests(peer.protocol, MOUSE_OBSERVATION, BATCH_ROWS), (1, BATCH_ROWS), strict=True)
+    )
+    return Config(
+        f"peer-{peer.name}",
+        lambda port: [str(peers.python(peer.name)), str(peers.server_script(peer.name)), str(port)],
+        "mouse_ts",
+        note=f"{peer.label} {peers.version(peer)}: {peer.note}",
+        pinned=peer.pinned,
+        peer=peer.name,
+        requests=requests,
+    )
+
+
 def configurations() -> list[Config]:
     ours = hardened(uvicorn("app:app"))
     return [
@@ -248,6 +269,7 @@ def configurations() -> list[Config]:
             "before, during and after the same model is published as the next version",
             switch=True,
         ),
+        *(peer_config(peer) for peer in peers.PEERS),
     ]
 
 
@@ -284,18 +306,22 @@ def server(config: Config, folder: Path, cache: Path) -> Iterator[tuple[str, sub
     }
     env |= {"POLICY_SERVER_RAY_METRICS_PORT": str(free_port())} | config.env
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="rt-", dir="/tmp") as ray_tmp:  # short: Ray's socket paths must fit
+    # stderr to a file, not a pipe: a peer logs more than a pipe holds, and would stall on a full one.
+    with (
+        tempfile.TemporaryDirectory(prefix="rt-", dir="/tmp") as ray_tmp,
+        tempfile.TemporaryFile() as log,
+    ):  # short: Ray's socket paths must fit
         process = subprocess.Popen(
             (SERVER_CORES if config.pinned else []) + config.command(port),
             cwd=REPO,
             env=env | {"RAY_TMPDIR": ray_tmp},
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=log,
             start_new_session=True,
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            ready_s = _wait_ready(url, process) - started
+            ready_s = _wait_ready(url, process, log, config.requests[0] if config.requests else None) - started
             yield url, process, ready_s
         finally:
             stop(process)
@@ -314,13 +340,16 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> float:
+def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Any, first: Workload | None) -> float:
+    """When /ready answers 200; for a peer (no /ready), when `first` is first answered 200: its time to first answer."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stderr.read().decode() if process.stderr else ''}")
+            log.seek(0)
+            raise RuntimeError(f"server exited: {log.read().decode(errors='replace')}")
         try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+            answer = httpx.get(f"{url}/ready", timeout=1) if first is None else httpx.post(url + first.path, json=first.body, timeout=5)
+            if answer.status_code == 200:
                 return time.perf_counter()
         except httpx.HTTPError:
             pass
@@ -379,7 +408,7 @@ def tree_rss_mib(pid: int) -> float:
 def plan(config: Config, concurrencies: tuple[int, ...]) -> list[tuple[Workload, int]]:
     """The runs of a configuration: /predict at each concurrency, /predict_batch at c=1."""
     runs = []
-    for workload in workloads(config.policy):
+    for workload in config.requests or workloads(config.policy):
         if workload.rows > 1 and config.name == "raw-asgi":
             continue
         runs += [(workload, c) for c in (concurrencies if workload.rows == 1 else (1,))]
@@ -395,6 +424,26 @@ def started(config: Config, folder: Path, scratch: Path) -> Iterator[tuple[str, 
             pass
     with server(config, folder, scratch / "cache") as (url, process, ready_s):
         yield url, process, ready_s, cold_ready_s
+
+
+def available(configs: list[Config], folders: dict[str, Path], scratch: Path) -> tuple[list[Config], list[Run]]:
+    """The configurations to measure, and a row saying why for each peer that does not install or
+    answer here. Each peer is installed into its venv (once: cached) and started once, untimed, so
+    its measured start, like ours, finds the files it reads already cached."""
+    kept, failed = [], []
+    for config in configs:
+        if config.peer:
+            try:
+                peers.install(config.peer)
+                with server(config, folders[config.policy], scratch / "cache"):
+                    pass
+            except (peers.Unavailable, RuntimeError) as error:
+                reason = peers.reason(str(error)) if isinstance(error, RuntimeError) else str(error)
+                print(f"{config.name}: not measured: {reason}", flush=True)
+                failed.append(Run(config.name, "-", 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, failure=reason))
+                continue
+        kept.append(config)
+    return kept, failed
 
 
 def measure(group: list[Config], folders: dict[str, Path], duration: int, scratch: Path, concurrencies: tuple[int, ...]) -> list[Run]:
@@ -560,10 +609,13 @@ def report(runs: list[Run], configs: list[Config], duration: int) -> str:
         "Ratios compare with the plain-FastAPI reference serving the same model in the same run "
         "(×reference > 1 is faster for throughput; p50 ratio < 1 is faster for latency).",
         "",
+        *peer_table(runs, configs),
+        "## Every configuration",
+        "",
         "| config | workload | c | req/s | obs/s | p50 ms | p99 ms | throughput ×reference | p50 ×reference | RSS MiB | ready s | errors |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for run in runs:
+    for run in (r for r in runs if r.failure is None):
         base = by_key.get((reference_for(run.config), run.workload, run.concurrency))
         ratio = f"{run.requests_per_s / base.requests_per_s:.2f}" if base and base.requests_per_s else "–"
         p50 = f"{run.p50_ms / base.p50_ms:.2f}" if base and base.p50_ms else "–"
@@ -572,11 +624,118 @@ def report(runs: list[Run], configs: list[Config], duration: int) -> str:
             f"{run.p99_ms:.3f} | {ratio} | {p50} | {run.rss_mib:.0f} | {run.ready_s:.2f} | {run.errors} |"
         )
     lines += ["", "Configurations:", ""] + [f"- `{c.name}`: {c.note}" for c in configs]
-    lines += ["", "## Targets", "", *targets(by_key), ""]
+    lines += ["", "## Targets", "", *targets(by_key), *peer_targets(runs), ""]
     if any(run.config in REPOSITORY_CONFIGS for run in runs):
         lines += ["## Several policies, a version switch under load", "", REPOSITORY_METHOD, ""]
     lines += [(BENCH / "tuning.md").read_text().strip()]
     return "\n".join(lines) + "\n"
+
+
+# The peer table's figures: (column, True where higher is better).
+PEER_COLUMNS = (
+    ("c=1 req/s", True),
+    ("c=1 p50 ms", False),
+    ("c=32 req/s", True),
+    (f"batch{BATCH_ROWS} obs/s", True),
+    ("RSS MiB", False),
+    ("first answer s", False),
+)
+PEER_FORMATS = ("{:,.0f}", "{:.3f}", "{:,.0f}", "{:,.0f}", "{:.0f}", "{:.2f}")
+PEER_METHOD = f"""\
+Each peer serves the same model (the default example as TorchScript, one torch thread, an action
+sampled from the softmax and its probability, as `reference` does) from its own venv, made by the
+harness from `bench/peers/<peer>/requirements.txt`, in its framework's documented fastest CPU
+configuration (each folder's README says which and why). The one-core peers run pinned beside ours
+on the server core, in the same interleaved rounds; Ray Serve, like our `ray` rows, has both cores
+and runs alone. Same workloads: /predict at c=1 and c=32, {BATCH_ROWS} observations per request at c=1,
+each the median of {ROUNDS} rounds; where a framework dictates its request shape (BentoML's batchable
+list, KServe V1, Triton's Open Inference Protocol), the same observations go in its shape. RSS is the
+whole process tree's, at its highest; first answer is from process start to the first 200 answer of
+a real predict request (the peers have no `/ready`; each was started once before, untimed, as ours
+was), and for ours the time to `/ready` (which answers once the model is loaded and warmed). Errors
+are non-2xx answers and socket errors, summed over the rounds. Ratios: ours ÷ the best peer in that
+column (> 1 is better for throughput, < 1 for latency, memory and start)."""
+
+
+def peer_figures(runs: list[Run], config: str) -> list[float] | None:
+    """One row of the peer table (PEER_COLUMNS' order), or None if the configuration was not measured."""
+    rows = {(r.workload, r.concurrency): r for r in runs if r.config == config and r.failure is None}
+    one, many, batch = rows.get(("predict", 1)), rows.get(("predict", 32)), rows.get((f"batch{BATCH_ROWS}", 1))
+    if not (one and many and batch):
+        return None
+    rss = max(r.rss_mib for r in rows.values())
+    return [one.requests_per_s, one.p50_ms, many.requests_per_s, batch.observations_per_s, rss, one.ready_s]
+
+
+def best_peers(runs: list[Run]) -> list[tuple[float, str]] | None:
+    """Per column, the best peer's figure and its name; None if no peer was measured."""
+    measured = {peer.label: figures for peer in peers.PEERS if (figures := peer_figures(runs, f"peer-{peer.name}"))}
+    if not measured:
+        return None
+    best = []
+    for index, (_, higher) in enumerate(PEER_COLUMNS):
+        pick = max if higher else min
+        name = pick(measured, key=lambda label: measured[label][index])
+        best.append((measured[name][index], name))
+    return best
+
+
+def peer_table(runs: list[Run], configs: list[Config]) -> list[str]:
+    """The leading table: each peer, the best peer per column, ours (`local`) and ours ÷ the best."""
+    if not any(r.config.startswith("peer-") for r in runs):
+        return []
+    header = " | ".join(column for column, _ in PEER_COLUMNS)
+    lines = [
+        "## Against the peers",
+        "",
+        f"| server | {header} | errors | configuration |",
+        "| --- |" + " ---: |" * (len(PEER_COLUMNS) + 1) + " --- |",
+    ]
+    notes = {c.name: c.note for c in [*configs, *configurations()]}
+
+    def cells(figures: list[float]) -> str:
+        return " | ".join(form.format(value) for form, value in zip(PEER_FORMATS, figures, strict=True))
+
+    for peer in peers.PEERS:
+        name = f"peer-{peer.name}"
+        label = f"{peer.label} {peers.version(peer)}"
+        failure = next((r.failure for r in runs if r.config == name and r.failure), None)
+        figures = peer_figures(runs, name)
+        if figures:
+            errors = sum(r.errors for r in runs if r.config == name)
+            lines.append(f"| {label} | {cells(figures)} | {errors} | {peer.note} |")
+        elif failure or any(r.config == name for r in runs):
+            lines.append(f"| {label} |" + " – |" * (len(PEER_COLUMNS) + 1) + f" not measured here: {failure or 'incomplete'} |")
+    best, ours = best_peers(runs), peer_figures(runs, "local")
+    if best:
+        lines.append(
+            "| **best peer** | "
+            + " | ".join(f"{form.format(v)} ({who})" for form, (v, who) in zip(PEER_FORMATS, best, strict=True))
+            + " | | |"
+        )
+    if ours:
+        errors = sum(r.errors for r in runs if r.config == "local")
+        lines.append(f"| **ours** (`local`) | {cells(ours)} | {errors} | {notes.get('local', '')} |")
+    if best and ours:
+        lines.append(
+            "| **ours ÷ best peer** | "
+            + " | ".join(f"{mine / v:.2f}×" if v else "–" for mine, (v, _) in zip(ours, best, strict=True))
+            + " | | |"
+        )
+    return [*lines, "", PEER_METHOD, ""]
+
+
+def peer_targets(runs: list[Run]) -> list[str]:
+    """Issue 13's targets against the peers: c=32 throughput, c=1 p50, memory."""
+    best, ours = best_peers(runs), peer_figures(runs, "local")
+    if not (best and ours):
+        return []
+    (_, _), (p50, p50_peer), (c32, c32_peer), _, (rss, rss_peer), _ = best
+    return [
+        check("local c=32 throughput ≥ 1.5× the best peer's", ours[2] >= 1.5 * c32, f"{ours[2] / c32:.2f}× ({c32_peer}: {c32:,.0f} req/s)"),
+        check("local c=1 p50 ≤ the best peer's", ours[1] <= p50, f"{ours[1]:.3f} against {p50:.3f} ms ({p50_peer})"),
+        check("local RSS ≤ the smallest peer's", ours[4] <= rss, f"{ours[4]:.0f} against {rss:.0f} MiB ({rss_peer})"),
+    ]
 
 
 REPOSITORY_CONFIGS = ("repo-1", "repo-10", "switch-under-load")
@@ -736,11 +895,12 @@ def main() -> None:
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="policy-bench-") as scratch:
         folders = prepare_policies(Path(scratch) / "policies")
+        measured, runs = available(configs, folders, Path(scratch))
         # The one-core servers side by side, interleaved; each Ray server alone (they need both cores).
-        groups = [[c for c in configs if c.pinned and not c.switch]] + [[c] for c in configs if not c.pinned and not c.switch]
+        groups = [[c for c in measured if c.pinned and not c.switch]] + [[c] for c in measured if not c.pinned and not c.switch]
         for group in filter(None, groups):
             runs += measure(group, folders, args.duration, Path(scratch), concurrencies)
-        for config in configs:
+        for config in measured:
             if config.switch:
                 runs += measure_switch(config, folders[config.policy], args.duration, Path(scratch))
     if args.update:
