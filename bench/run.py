@@ -227,6 +227,12 @@ def configurations() -> list[Config]:
     return [
         Config("reference", uvicorn("reference_server:app"), "mouse_ts", note="plain FastAPI + the TorchScript model, no validation"),
         Config("raw-asgi", uvicorn("raw_asgi:app"), "mouse", note="bare ASGI, fixed answer: the HTTP ceiling"),
+        Config(
+            "orjson-script",
+            uvicorn("orjson_server:app"),
+            "mouse_ts",
+            note="hand-written FastAPI: the raw body read with orjson, the TorchScript model, no validation",
+        ),
         Config("local", ours, "mouse", note="ours, defaults (.pt2, batching, metrics)", cold_start=True),
         Config("local-torchscript", ours, "mouse_ts", note="ours, the model as TorchScript"),
         Config("local-onnx", ours, "mouse_onnx", note="ours, the model as ONNX (onnxruntime)"),
@@ -807,7 +813,52 @@ def targets(by_key: dict[tuple[str, str, int], Run]) -> list[str]:
         rows.append(check("ray c=32 throughput ≥ 2× the seed design", ray32.requests_per_s >= 2 * seed32.requests_per_s, times))
     if ray_runs:
         rows.append(check("ray time to ready ≤ 25 s", ray_runs[0].ready_s <= 25, f"{ray_runs[0].ready_s:.2f} s"))
-    return rows + repository_targets(by_key)
+    return rows + speed_targets(by_key) + repository_targets(by_key)
+
+
+RAY_C32_BEFORE = 323  # req/s, ray at c=32 when issue 13 was filed (each request its own handle call)
+C1_P50_TARGET_MS = 0.30
+
+
+def speed_targets(by_key: dict[tuple[str, str, int], Run]) -> list[str]:
+    """Issue 13's: ray near local, local c=1 latency, the metrics' cost, /predict_batch against the orjson script."""
+    batch = f"batch{BATCH_ROWS}"
+    local32, ray32 = by_key.get(("local", "predict", 32)), by_key.get(("ray", "predict", 32))
+    ray64, ray2_64 = by_key.get(("ray", "predict", 64)), by_key.get(("ray-2-replicas", "predict", 64))
+    local_batch, ray_batch, script_batch = (by_key.get((config, batch, 1)) for config in ("local", "ray", "orjson-script"))
+    local1, unmetered32 = by_key.get(("local", "predict", 1)), by_key.get(("local-no-metrics", "predict", 32))
+    rows = []
+    if local32 and ray32:
+        ratio = ray32.requests_per_s / local32.requests_per_s
+        rows.append(check("ray c=32 ≥ 0.5× local c=32", ratio >= 0.5, f"{ratio:.2f}× ({ray32.requests_per_s:,.0f} req/s)"))
+        times = ray32.requests_per_s / RAY_C32_BEFORE
+        rows.append(check(f"ray c=32 ≥ 10× its {RAY_C32_BEFORE} req/s before coalescing", times >= 10, f"{times:.1f}×"))
+    if ray64 and ray2_64:
+        rows.append(
+            check(
+                "ray with 2 replicas ≥ ray with 1 at c=64",
+                ray2_64.requests_per_s >= ray64.requests_per_s,
+                f"{ray2_64.requests_per_s:,.0f} against {ray64.requests_per_s:,.0f} req/s",
+            )
+        )
+    if ray_batch and local_batch:
+        ratio = ray_batch.observations_per_s / local_batch.observations_per_s
+        rows.append(check(f"ray /predict_batch ({BATCH_ROWS}) ≥ 0.7× local", ratio >= 0.7, f"{ratio:.2f}×"))
+    if local1:
+        rows.append(check(f"local c=1 p50 ≤ {C1_P50_TARGET_MS:.2f} ms", local1.p50_ms <= C1_P50_TARGET_MS, f"{local1.p50_ms:.3f} ms"))
+    if local32 and unmetered32:
+        cost = 1 - local32.requests_per_s / unmetered32.requests_per_s
+        rows.append(
+            check(
+                "metrics cost ≤ 5 % at c=32",
+                cost <= 0.05,
+                f"{100 * cost:.1f} % ({local32.requests_per_s:,.0f} against {unmetered32.requests_per_s:,.0f} req/s without)",
+            )
+        )
+    if local_batch and script_batch:
+        ratio = local_batch.observations_per_s / script_batch.observations_per_s
+        rows.append(check(f"/predict_batch ({BATCH_ROWS}) ≥ 1.2× the orjson script", ratio >= 1.2, f"{ratio:.2f}×"))
+    return rows
 
 
 def repository_targets(by_key: dict[tuple[str, str, int], Run]) -> list[str]:
