@@ -13,6 +13,7 @@ import time
 from collections import Counter as Tally
 from collections import deque
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -240,7 +241,7 @@ class PolicyMetrics:
             if len(actions) == 1:
                 observations.add(counters[actions[0][head]])
             else:
-                for action, count in Tally(row[head] for row in actions).items():
+                for action, count in Tally(map(itemgetter(head), actions)).items():
                     observations.add(counters[action], count)
 
 

@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import random
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from scipy import special, stats
 
 from policy_server.errors import ConfigError, InputError
 from policy_server.loading import load_policy, load_policy_spec
-from policy_server.policy import Decisions, Distributions, Kind, Policy, Task, masked_softmax, sample_discrete
+from policy_server.policy import Decisions, Distributions, Kind, Policy, Task, masked_softmax, sample_discrete, uniforms
 from policy_server.server import build_app
 
 Serve = Callable[..., TestClient]
@@ -259,7 +260,7 @@ def test_masked_sampling_follows_the_renormalised_distribution(make_policy_dir: 
 
 def test_sample_discrete_never_draws_a_zero_probability_action() -> None:
     probabilities = np.tile(np.array([[0.0, 0.3, 0.0, 0.7, 0.0]]), (50_000, 1))
-    drawn = sample_discrete(probabilities, np.random.default_rng(5))
+    drawn = sample_discrete(probabilities, random.Random(5))
     assert set(np.unique(drawn).tolist()) == {1, 3}
     assert stats.chisquare(np.bincount(drawn, minlength=5)[[1, 3]], f_exp=[0.3 * 50_000, 0.7 * 50_000]).pvalue > 0.001
 
@@ -729,3 +730,14 @@ def test_a_failing_model_answers_500_with_an_error_id_in_the_log(
     assert logged[0].levelno >= logging.ERROR and logged[0].exc_info is not None
     assert "exploded" in caplog.text  # the traceback is in the log
     assert post(client, "/predict", {"x": 1.0})["actions"][0] in (0, 1, 2)  # and the server still answers
+
+
+@pytest.mark.parametrize("draws", [0, 1, 15, 16, 17, 1024])
+@pytest.mark.parametrize("seed", [0, 7, 2**64 - 1])
+def test_uniforms_are_the_generators_own_draws(seed: int, draws: int) -> None:
+    """A batch's draws are `rng.random()`'s, however many rows: a seeded batch samples the same
+    actions as the rows drawn one by one would, and the generator is left where they leave it."""
+    ours, reference = random.Random(seed), random.Random(seed)
+    expected = [reference.random() for _ in range(draws)]
+    assert uniforms(ours, draws).tolist() == expected
+    assert ours.random() == reference.random()
