@@ -10,6 +10,7 @@ import httpx
 import pytest
 from conftest import API_KEY, AUTH, MOUSE_OBSERVATION, MakePolicyDir, constant_logits
 from fastapi.testclient import TestClient
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from servers import free_port, running_server, serve_command
 
@@ -131,3 +132,16 @@ def test_deferred_observations_expose_what_direct_ones_do() -> None:
     assert sample_value(deferred_text, "latency_seconds_sum") == pytest.approx(total, rel=1e-12)  # summed in another order
     assert sample_value(direct, "answers_total") == len(values) + 600
     assert sample_value(direct, "latency_seconds_bucket", {"le": "0.0001"}) == 2  # 0.0 and 0.0001 itself
+
+
+def test_fastapi_telemetry_follows_whether_opentelemetry_is_set_up(
+    serve: Callable[..., TestClient], mouse_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No tracer provider when the app is built: FastAPI's per-request OpenTelemetry checks are off.
+    One set up (opentelemetry-instrument, say): they stay on, so its spans are not lost."""
+    plain = serve(mouse_dir)
+    assert not any(plain.app._telemetry[signal] for signal in ("tracing", "metrics", "logs"))  # type: ignore[attr-defined]
+    assert plain.post("/predict", json=MOUSE_OBSERVATION, headers=AUTH).status_code == 200
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: trace.NoOpTracerProvider())
+    instrumented = serve(mouse_dir)
+    assert instrumented.app._telemetry["tracing"]  # type: ignore[attr-defined]

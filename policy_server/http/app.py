@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
+from opentelemetry import trace
 
 from policy_server import __version__
 from policy_server.docs import add_offline_docs
@@ -66,6 +68,7 @@ def create_app(
         redirect_slashes=False,
         docs_url=None,
         redoc_url=None,
+        telemetry=_telemetry(),
     )
     app.router.route_class = OrjsonRoute
     app.state.body_guard = BodyGuard(limits.max_body_bytes)
@@ -84,6 +87,15 @@ def create_app(
     prefix = default.spec.url_path if default is not None else None
     app.add_middleware(CanonicalPath, prefix=prefix)  # outermost: everything inside sees canonical paths
     return app
+
+
+def _telemetry() -> TelemetryConfig | None:
+    """FastAPI's OpenTelemetry spans and metrics when a tracer provider is set before the app is
+    built (opentelemetry-instrument, or the user's own setup); else off, since checking for
+    providers on every request costs a measurable share of a one-row /predict."""
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return None
+    return {"tracing": False, "metrics": False, "logs": False}
 
 
 def _lifespan(server: ServerContext, metrics: Metrics | None, watch_every_s: float | None):  # type: ignore[no-untyped-def]
