@@ -9,6 +9,7 @@ does this for you).
 import logging
 import multiprocessing
 import os
+import threading
 import time
 from collections import Counter as Tally
 from collections import deque
@@ -66,6 +67,7 @@ class Observations:
         self.deferred = deferred
         self.limit = limit
         self._queue: deque[tuple[Series, float]] = deque()
+        self._applying = threading.Lock()  # the worker thread may fill the queue up while a scrape applies it
 
     def add(self, series: Series, value: float = 1.0) -> None:
         """Count `value` (a Counter) or observe it (a Histogram)."""
@@ -77,6 +79,10 @@ class Observations:
             self.apply()
 
     def apply(self) -> None:
+        with self._applying:
+            self._apply()
+
+    def _apply(self) -> None:
         queue = self._queue
         values_of: dict[int, tuple[Series, list[float]]] = {}
         for _ in range(len(queue)):  # what others append meanwhile waits for the next apply
