@@ -9,6 +9,7 @@ switches: a rolling update that fails no request, a refused version, a rolled-ba
 
 import asyncio
 import json
+import logging
 import os
 import random
 import re
@@ -39,6 +40,7 @@ from conftest import (
     settings_for,
 )
 from fastapi.testclient import TestClient
+from pydantic import TypeAdapter
 from ray import serve as ray_serve
 from ray_support import (
     NODE_IP,
@@ -57,9 +59,10 @@ from test_batch_isolation import CLIENTS, REQUESTS_PER_CLIENT, error_id_of, pois
 from test_metrics import sample_value
 
 from policy_server import loading
-from policy_server.errors import ConfigError
+from policy_server.errors import ConfigError, InputError
 from policy_server.executors.ray import DeploymentFailed, RayExecutor, app_builder
 from policy_server.loading import SCHEMA_FILE, ModelVersion, load_policy_spec, load_version
+from policy_server.observations import RowEncoder, observation_model
 from policy_server.policy import Decisions, Kind, Policy, Result, Task
 from policy_server.server import build_app, choose_backend
 from policy_server.settings import Settings
@@ -388,6 +391,115 @@ def test_a_killed_replica_loses_no_request(local_ray: str, make_policy_dir: Make
     assert "a replica died with a request in flight" in server.log
     assert server.returncode in (0, -signal.SIGTERM), server.log
     assert ray.is_initialized() and folder.name not in ray_serve.status().applications
+
+
+# Coalescing (DESIGN.md §5): concurrent tasks leave this process as one handle call.
+COALESCED_TASKS = 24  # within max_batch_size (64) rows: one call
+
+
+def _tuple_tasks(folder: Path, observations: list[Observation]) -> list[Task]:
+    """The tasks the routes would build for these observations, each kind of answer in the mix."""
+    spec = load_policy_spec(folder)
+    encoder, parse = RowEncoder(spec), TypeAdapter(observation_model(spec)).validate_python
+    kinds = (Kind.DETERMINISTIC, Kind.DISTRIBUTION, Kind.SAMPLE)
+    return [Task(encoder.encode([parse(o)]), kinds[i % 3], seed=i) for i, o in enumerate(observations)]
+
+
+def _comparable(result: Result | BaseException) -> object:
+    """An InputError by its 422 detail (exceptions compare by identity), anything else as it is."""
+    return result.as_detail() if isinstance(result, InputError) else result
+
+
+def _calls_and_rows(executor: RayExecutor) -> tuple[int, int]:
+    (replica,) = executor.describe()["replica_details"]
+    return replica["calls_answered"], replica["rows_answered"]
+
+
+def test_concurrent_tasks_reach_the_replica_in_one_handle_call_each_answered_alone(local_ray: str, tmp_path: Path) -> None:
+    """24 tasks submitted at once reach the replica as ONE handle call and one forward pass; each
+    gets exactly the result local computes for it alone. Then the same with one task whose action
+    mask allows nothing: still one call, that task alone gets its InputError (a 422), the others
+    their results."""
+    folder = policy_copy("tuple_masking", tmp_path, "coalesced")
+    version = ModelVersion.of_folder(folder, load_policy_spec(folder))
+    observations = (_tuple_observations(random.Random(1)) * 4)[:COALESCED_TASKS]
+    blocked = observations[0] | {"actionMask": [False, False, True, True, True]}
+    rounds = {"good": _tuple_tasks(folder, observations), "one bad": _tuple_tasks(folder, [*observations[:5], blocked, *observations[6:]])}
+    local = load_version(version)
+    passes: list[tuple[int, float]] = []
+
+    async def scenario() -> dict[str, tuple[list[Result | BaseException], tuple[int, int], tuple[int, int]]]:
+        executor = RayExecutor(version, settings_for(folder, **_ray_settings()), lambda rows, seconds: passes.append((rows, seconds)))
+        await executor.start()
+        outcomes = {}
+        try:
+            for name, tasks in rounds.items():
+                before = _calls_and_rows(executor)
+                results = await asyncio.gather(*(executor.run(task) for task in tasks), return_exceptions=True)
+                await executor._describe_replicas()
+                outcomes[name] = (results, before, _calls_and_rows(executor))
+        finally:
+            await executor.stop()
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    for name, tasks in rounds.items():
+        results, (calls_before, rows_before), (calls_after, rows_after) = outcomes[name]
+        assert (calls_after - calls_before, rows_after - rows_before) == (1, COALESCED_TASKS), name
+        expected = [local.run([task])[0] for task in tasks]
+        assert [_comparable(result) for result in results] == [_comparable(result) for result in expected], name
+    errors = [i for i, result in enumerate(outcomes["one bad"][0]) if isinstance(result, BaseException)]
+    assert errors == [5] and isinstance(outcomes["one bad"][0][5], InputError)
+    assert [rows for rows, _ in passes] == [COALESCED_TASKS, COALESCED_TASKS]  # one forward pass per call, counted once
+
+
+def test_a_replica_killed_with_a_coalesced_call_in_flight_loses_no_request(
+    local_ray: str, make_policy_dir: MakePolicyDir, caplog: pytest.LogCaptureFixture
+) -> None:
+    """16 clients in a loop through one RayExecutor, so calls of several tasks are always in flight;
+    SIGKILL the replica: the call it had is sent again whole, to the replica Serve starts instead,
+    and every task gets its answer."""
+    folder = make_policy_dir(MOUSE_SCHEMA, _slow_mouse_model(), 6)
+    version = ModelVersion.of_folder(folder, load_policy_spec(folder))
+    expected = load_version(version).run([DETERMINISTIC_TASK])[0]
+    outcomes: list[Result | str] = []
+
+    async def client(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                outcomes.append(await executor.run(DETERMINISTIC_TASK))
+            except Exception as exc:
+                outcomes.append(repr(exc))
+
+    async def until(count: int, what: str) -> None:
+        for _ in range(1200):  # 120 s at most
+            if len(outcomes) >= count:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"not within 120 s: {what}")
+
+    async def scenario() -> None:
+        await executor.start()
+        stop = asyncio.Event()
+        clients = [asyncio.create_task(client(stop)) for _ in range(16)]
+        try:
+            await until(50, "answers before the kill")
+            (replica,) = executor.describe()["replica_details"]
+            victim = psutil.Process(replica["pid"])
+            assert victim in descendants(os.getpid())  # the module's Ray runs it: ours to kill
+            victim.send_signal(signal.SIGKILL)
+            await until(len(outcomes) + 50, "answers after the kill")
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+            await executor.stop()
+
+    caplog.set_level(logging.WARNING, logger="policy_server")
+    executor = RayExecutor(version, settings_for(folder, **_ray_settings()))
+    asyncio.run(scenario())
+    assert outcomes == [expected] * len(outcomes)
+    resent = [int(n) for n in re.findall(r"a replica died with a call of (\d+) request\(s\) in flight", caplog.text)]
+    assert resent and max(resent) > 1, caplog.text  # a call of several tasks was in flight, and sent again
 
 
 def test_sigterm_drains_keep_alive_clients_then_deletes_the_application(local_ray: str, mouse_dir: Path) -> None:

@@ -34,6 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# Serve's throughput mode (Ray >= 2.56: gRPC between handle and replicas, user code on the
+# replica's own loop, ...): read when ray.serve is imported, here and in the Ray processes we
+# start, which inherit this environment. A user's own setting wins.
+os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+
 import ray
 import ray._private.ray_constants as ray_constants
 import torch
