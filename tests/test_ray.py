@@ -593,6 +593,48 @@ def test_uvicorn_starts_and_stops_its_own_ray(tmp_path: Path) -> None:
     assert survivors(ray_processes, timeout_s=30) == []
 
 
+def test_workers_share_one_ray_and_one_application(tmp_path: Path) -> None:
+    """`generate.py serve --workers 2` with backend ray and no RAY_ADDRESS: the supervisor starts one
+    Ray, both workers answer (each counts requests under its own pid) from the one replica of one
+    application; SIGTERM ends the workers, then Ray: nothing is left running."""
+    folder = policy_copy("mouse_and_cheese", tmp_path, "shared_workers")
+    port, counters = free_port(), tmp_path / "prometheus"
+    counters.mkdir()
+    env = {
+        "POLICY_SERVER_BACKEND": "ray",
+        "POLICY_SERVER_RAY_NODE_IP": NODE_IP,
+        "POLICY_SERVER_RAY_CPUS": "1",
+        "POLICY_SERVER_RAY_METRICS_PORT": str(free_port()),
+        "POLICY_SERVER_RAY_REPLICA_CPUS": str(REPLICA_CPUS),
+        "PROMETHEUS_MULTIPROC_DIR": str(counters),
+    }
+    command = [*serve_command(folder, port), "--workers", "2"]
+    with (
+        ray_temp_dir() as temp_dir,
+        running_server(command, port, cwd=folder, env=env | {"RAY_TMPDIR": temp_dir}, ready_path="/health") as server,
+    ):
+        # a new connection each time, so both workers are asked
+        wait_until(lambda: all(_status(f"{server.url}/ready") == 200 for _ in range(10)), READY_TIMEOUT_S, "both workers ready")
+        statuses = [httpx.post(f"{server.url}/predict", json=MOUSE_OBSERVATION, headers=AUTH).status_code for _ in range(40)]
+        replica_pids = {pid for _ in range(10) for pid in _replica_pids(server.url)}
+        processes = descendants(server.process.pid)
+        workers = {process.pid for process in psutil.Process(server.process.pid).children() if "spawn_main" in " ".join(process.cmdline())}
+        replicas = [process for process in processes if "ServeReplica" in " ".join(process.cmdline())]
+        gcs_servers = [process for process in processes if process.name() == "gcs_server"]
+    assert statuses == [200] * 40
+    answered_by = {int(path.stem.rsplit("_", 1)[-1]) for path in counters.glob("counter_*.db")}
+    assert len(workers) == 2 and answered_by >= workers, (answered_by, workers)  # the supervisor may count too
+    assert len(gcs_servers) == 1 and len(replicas) == 1  # one Ray, one replica of one application
+    assert replica_pids == {replicas[0].pid}
+    assert server.returncode in (0, -signal.SIGTERM), server.log
+    assert "Traceback" not in server.log
+    assert survivors(processes, timeout_s=30) == []
+
+
+def _status(url: str) -> int:
+    return httpx.get(url, timeout=30.0).status_code
+
+
 def _replica_pids(url: str) -> list[int]:
     return [replica["pid"] for replica in httpx.get(f"{url}/info", headers=AUTH).json()["replica_details"]]
 

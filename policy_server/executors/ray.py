@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
@@ -50,7 +51,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
 
 from policy_server.errors import ConfigError, InputError, PolicyFailure
-from policy_server.executors import run_isolating_failures
+from policy_server.executors import ray_workers, run_isolating_failures
 from policy_server.executors.coalescing import Coalescer, Pending
 from policy_server.loading import ModelVersion, load_policy_spec, load_version
 from policy_server.policy import Decisions, Distributions, Kind, Result, Task
@@ -243,6 +244,40 @@ class RayMode(Enum):
     INHERITED = "inherited"  # this process was already connected: leave the connection alone
 
 
+def connect(settings: Settings) -> RayMode:
+    """Start or join Ray as `settings` say (or keep this process's connection).
+
+    Calling ray.init off the main thread also keeps uvicorn's SIGTERM handler: Ray would put its own."""
+    if ray.is_initialized():
+        return RayMode.INHERITED
+    # Ray's C++ handler for SIGTERM makes the ray.shutdown() that follows abort the process
+    # (ray-project/ray#37288): uvicorn handles SIGTERM, and stop() shuts Ray down after it.
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    common: dict[str, Any] = {
+        "_node_ip_address": settings.ray_node_ip,
+        "configure_logging": False,
+        # Ray ships this package, as this process has it, to every replica (Serve takes the job's
+        # runtime_env as the deployment's): the nodes need its dependencies, not the package.
+        "runtime_env": {"py_modules": [PACKAGE_DIR]},
+    }
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, **common)
+        return RayMode.JOINED
+    ray.init(num_cpus=settings.ray_cpus, include_dashboard=False, _metrics_export_port=settings.ray_metrics_port, **common)
+    return RayMode.STARTED
+
+
+def shut_down_ray(mode: RayMode | None) -> None:
+    """Serve and Ray shut down if we started them; a cluster we joined, disconnected from."""
+    if mode is RayMode.STARTED:
+        serve.shutdown()
+        # Waiting lets the raylet end gracefully before this process does: killed with it,
+        # its agents would linger for a minute trying to report the death to a dead GCS.
+        ray.shutdown(wait_for_processes=True)
+    elif mode is RayMode.JOINED:
+        ray.shutdown()
+
+
 class RayExecutor:
     backend = "ray"
     starts_in_background = True  # Ray takes many seconds to start: serve /health and /ready meanwhile
@@ -262,6 +297,7 @@ class RayExecutor:
         self._describing: asyncio.Task[None] | None = None
         self._batches: Coalescer[DeploymentHandle] | None = None
         self._calls: set[asyncio.Task[None]] = set()
+        self._shared = ray_workers.shared_dir()  # set in the workers of `generate.py serve --workers N`
 
     @property
     def ready(self) -> bool:
@@ -397,9 +433,14 @@ class RayExecutor:
     def _deploy(self) -> None:
         """Blocking (in a thread): Ray, Serve without its HTTP proxy, then our application, unless
         one of that name runs already (declared by a Serve config file, say): then that one."""
-        with _SETUP_LOCK:
-            self._mode = self._connect()
+        with _SETUP_LOCK, self._application_lock():
+            self._mode = connect(self.settings)
             serve.start(proxy_location=ProxyLocation.Disabled)
+            if self._shared is not None:
+                self._deployed = True  # shared by the workers: any of them deploys and switches it
+                if not ray_workers.runs(self._shared, self.app_name, self.version):
+                    self._run_application(self.version)
+                return
             running = serve.status().applications.get(self.app_name)
             if running is not None and running.status == ApplicationStatus.RUNNING:
                 logger.info("the application %r runs on the cluster already: using it", self.app_name)
@@ -408,9 +449,15 @@ class RayExecutor:
             self._run_application(self.version)
 
     def _roll_to(self, version: ModelVersion) -> None:
-        """Blocking (in a thread): our application onto `version`, by Serve's rolling update."""
-        with _SETUP_LOCK:
-            self._run_application(version)
+        """Blocking (in a thread): our application onto `version`, by Serve's rolling update,
+        unless another worker sharing it did that already."""
+        with _SETUP_LOCK, self._application_lock():
+            if self._shared is None or not ray_workers.runs(self._shared, self.app_name, version):
+                self._run_application(version)
+
+    def _application_lock(self) -> AbstractContextManager[None]:
+        """Across the workers sharing the application; nothing to hold for a lone server."""
+        return ray_workers.application_lock(self._shared, self.app_name) if self._shared is not None else nullcontext()
 
     def _run_application(self, version: ModelVersion) -> None:
         """Deploy `version` as our application, or roll the application onto it; return once all
@@ -419,6 +466,8 @@ class RayExecutor:
             serve.run(policy_application(version, self.settings), name=self.app_name, route_prefix=None)
         except RuntimeError as exc:
             raise DeploymentFailed(f"{exc} {self._failure_reason()}") from None
+        if self._shared is not None:
+            ray_workers.record(self._shared, self.app_name, version)
 
     def _failure_reason(self) -> str:
         """The last line of Serve's message on our deployment: the replicas' error, e.g. a ConfigError."""
@@ -426,31 +475,6 @@ class RayExecutor:
         deployment = application.deployments.get(PolicyDeployment.name) if application is not None else None
         lines = deployment.message.strip().splitlines() if deployment is not None else []
         return lines[-1] if lines else "(Serve gave no reason: see the replicas' log above)"
-
-    def _connect(self) -> RayMode:
-        """Calling ray.init off the main thread also keeps uvicorn's SIGTERM handler: Ray would put its own."""
-        if ray.is_initialized():
-            return RayMode.INHERITED
-        # Ray's C++ handler for SIGTERM makes the ray.shutdown() that follows abort the process
-        # (ray-project/ray#37288): uvicorn handles SIGTERM, and stop() shuts Ray down after it.
-        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
-        common: dict[str, Any] = {
-            "_node_ip_address": self.settings.ray_node_ip,
-            "configure_logging": False,
-            # Ray ships this package, as this process has it, to every replica (Serve takes the job's
-            # runtime_env as the deployment's): the nodes need its dependencies, not the package.
-            "runtime_env": {"py_modules": [PACKAGE_DIR]},
-        }
-        if self.settings.ray_address:
-            ray.init(address=self.settings.ray_address, **common)
-            return RayMode.JOINED
-        ray.init(
-            num_cpus=self.settings.ray_cpus,
-            include_dashboard=False,
-            _metrics_export_port=self.settings.ray_metrics_port,
-            **common,
-        )
-        return RayMode.STARTED
 
     async def _keep_describing(self) -> None:
         while True:
@@ -492,14 +516,8 @@ class RayExecutor:
         return deployment.replica_states.get("RUNNING", 0)
 
     def _tear_down(self) -> None:
+        """Our application deleted (unless Ray goes with it, or other workers share it), then Ray."""
         with _SETUP_LOCK:
-            if self._mode is RayMode.STARTED:
-                serve.shutdown()
-                # Waiting lets the raylet end gracefully before this process does: killed with it,
-                # its agents would linger for a minute trying to report the death to a dead GCS.
-                ray.shutdown(wait_for_processes=True)
-                return
-            if self._deployed:
+            if self._deployed and self._mode is not RayMode.STARTED and self._shared is None:
                 serve.delete(self.app_name)
-            if self._mode is RayMode.JOINED:
-                ray.shutdown()
+            shut_down_ray(self._mode)
