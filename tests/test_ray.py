@@ -388,7 +388,7 @@ def test_a_killed_replica_loses_no_request(local_ray: str, make_policy_dir: Make
                 load.join()
         wait_until(lambda: _replica_pids(server.url) not in ([], [victim_pid]), 60, "/info shows the new replica")
     assert outcomes == [200] * len(outcomes)
-    assert "a replica died with a request in flight" in server.log
+    assert "a replica died with a call of 1 request(s) in flight" in server.log
     assert server.returncode in (0, -signal.SIGTERM), server.log
     assert ray.is_initialized() and folder.name not in ray_serve.status().applications
 

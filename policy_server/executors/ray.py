@@ -38,8 +38,10 @@ import numpy as np
 
 # Serve's throughput mode (Ray >= 2.56: gRPC between handle and replicas, user code on the
 # replica's own loop, ...): read when ray.serve is imported, here and in the Ray processes we
-# start, which inherit this environment. A user's own setting wins.
+# start, which inherit this environment. A user's own setting wins. Without its direct ingress:
+# Serve's HTTP is off here, and with it on, Serve's shutdown waits its full 30 s timeout.
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0")
 
 import ray
 import ray._private.ray_constants as ray_constants
