@@ -39,9 +39,13 @@ import numpy as np
 # Serve's throughput mode (Ray >= 2.56: gRPC between handle and replicas, user code on the
 # replica's own loop, ...): read when ray.serve is imported, here and in the Ray processes we
 # start, which inherit this environment. A user's own setting wins. Without its direct ingress:
-# Serve's HTTP is off here, and with it on, Serve's shutdown waits its full 30 s timeout.
+# Serve's HTTP is off here, and with it on, Serve's shutdown waits its full 30 s timeout. Nor
+# with its logging changes: a failed request's error id and traceback must reach the replica's
+# log (stderr too) at once, not after 1,000 more records.
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0")
+os.environ.setdefault("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1")
+os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "1")
 
 import ray
 import ray._private.ray_constants as ray_constants
