@@ -9,7 +9,6 @@ switches: a rolling update that fails no request, a refused version, a rolled-ba
 
 import asyncio
 import json
-import logging
 import os
 import random
 import re
@@ -453,55 +452,44 @@ def test_concurrent_tasks_reach_the_replica_in_one_handle_call_each_answered_alo
     assert [rows for rows, _ in passes] == [COALESCED_TASKS, COALESCED_TASKS]  # one forward pass per call, counted once
 
 
-def test_a_replica_killed_with_a_coalesced_call_in_flight_loses_no_request(
-    local_ray: str, make_policy_dir: MakePolicyDir, caplog: pytest.LogCaptureFixture
-) -> None:
-    """16 clients in a loop through one RayExecutor, so calls of several tasks are always in flight;
-    SIGKILL the replica: the call it had is sent again whole, to the replica Serve starts instead,
-    and every task gets its answer."""
+def test_a_replica_killed_with_a_coalesced_call_in_flight_loses_no_request(local_ray: str, make_policy_dir: MakePolicyDir) -> None:
+    """`uvicorn app:app` joined to the module's Ray, 16 clients sending one observation each in a
+    loop, so handle calls of several requests are always in flight; SIGKILL the replica: the call it
+    had is sent again whole, to the replica Serve starts instead, and every request gets a 200."""
     folder = make_policy_dir(MOUSE_SCHEMA, _slow_mouse_model(), 6)
-    version = ModelVersion.of_folder(folder, load_policy_spec(folder))
-    expected = load_version(version).run([DETERMINISTIC_TASK])[0]
-    assert isinstance(expected, Decisions)
-    outcomes: list[Result | str] = []
+    port = free_port()
+    env = {"RAY_ADDRESS": local_ray, "POLICY_SERVER_RAY_NODE_IP": NODE_IP, "POLICY_SERVER_RAY_REPLICA_CPUS": str(REPLICA_CPUS)}
+    outcomes: list[int | str] = []
+    stop = threading.Event()
 
-    async def client(stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                outcomes.append(await executor.run(DETERMINISTIC_TASK))
-            except Exception as exc:
-                outcomes.append(repr(exc))
+    def client(url: str) -> None:
+        with httpx.Client(base_url=url, timeout=90.0) as session:
+            while not stop.is_set():
+                try:
+                    outcomes.append(session.post("/predict", json=MOUSE_OBSERVATION, headers=AUTH).status_code)
+                except httpx.HTTPError as exc:
+                    outcomes.append(repr(exc))
 
-    async def until(count: int, what: str) -> None:
-        for _ in range(1200):  # 120 s at most
-            if len(outcomes) >= count:
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"not within 120 s: {what}")
-
-    async def scenario() -> None:
-        await executor.start()
-        stop = asyncio.Event()
-        clients = [asyncio.create_task(client(stop)) for _ in range(16)]
+    with running_server(uvicorn_command(port), port, cwd=folder, env=env, ready_path="/health") as server:
+        ready_statuses(server.url)
+        (victim_pid,) = _replica_pids(server.url)
+        victim = psutil.Process(victim_pid)
+        assert victim in descendants(os.getpid())  # the module's Ray runs it: ours to kill
+        clients = [threading.Thread(target=client, args=(server.url,)) for _ in range(16)]
+        for thread in clients:
+            thread.start()
         try:
-            await until(50, "answers before the kill")
-            (replica,) = executor.describe()["replica_details"]
-            victim = psutil.Process(replica["pid"])
-            assert victim in descendants(os.getpid())  # the module's Ray runs it: ours to kill
+            wait_until(lambda: len(outcomes) >= 100, 60, "answers before the kill")
             victim.send_signal(signal.SIGKILL)
-            await until(len(outcomes) + 50, "answers after the kill")
+            at_kill = len(outcomes)
+            wait_until(lambda: len(outcomes) >= at_kill + 100, 120, "answers after the kill")
         finally:
             stop.set()
-            await asyncio.gather(*clients)
-            await executor.stop()
-
-    caplog.set_level(logging.WARNING, logger="policy_server")
-    executor = RayExecutor(version, settings_for(folder, **_ray_settings()))
-    asyncio.run(scenario())
-    # float32 sums differ in the last digits between batch sizes: the actions are exact
-    assert [outcome.actions if isinstance(outcome, Decisions) else outcome for outcome in outcomes] == [expected.actions] * len(outcomes)
-    resent = [int(n) for n in re.findall(r"a replica died with a call of (\d+) request\(s\) in flight", caplog.text)]
-    assert resent and max(resent) > 1, caplog.text  # a call of several tasks was in flight, and sent again
+            for thread in clients:
+                thread.join()
+    assert outcomes == [200] * len(outcomes)
+    resent = [int(n) for n in re.findall(r"a replica died with a call of (\d+) request\(s\) in flight", server.log)]
+    assert resent and max(resent) > 1, server.log  # a call of several requests was in flight, and sent again
 
 
 def test_sigterm_drains_keep_alive_clients_then_deletes_the_application(local_ray: str, mouse_dir: Path) -> None:
