@@ -6,6 +6,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -177,10 +178,12 @@ class Commands:
 
         Args:
             directory: the policy folder (default: POLICY_SERVER_DIR, else here)
-            workers: uvicorn worker processes; with more than one, /metrics sums them all
+            workers: uvicorn worker processes; with more than one, /metrics sums them all, and with
+                backend ray they share one Ray and one Serve application per policy
         """
         import uvicorn
 
+        from policy_server.executors.ray_workers import shared_ray
         from policy_server.protocol import HardenedHTTP, raise_descriptor_limit
 
         if directory is not None:  # else POLICY_SERVER_DIR, else the working directory
@@ -190,15 +193,29 @@ class Commands:
         if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="policy-server-metrics-")
         raise_descriptor_limit()
-        uvicorn.run(
-            "policy_server.server:app_from_environment",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level=log_level,
-            http=HardenedHTTP,
-        )
+        # Several workers with backend ray share one Ray and one application per policy (ray_workers.py).
+        shared = workers > 1 and _serves_with_ray(Settings.from_env())
+        with shared_ray(Settings.from_env()) if shared else nullcontext():
+            uvicorn.run(
+                "policy_server.server:app_from_environment",
+                factory=True,
+                host=host,
+                port=port,
+                workers=workers,
+                log_level=log_level,
+                http=HardenedHTTP,
+            )
+
+
+def _serves_with_ray(settings: Settings) -> bool:
+    """Whether any policy `serve` would serve chooses backend ray (a policy that cannot load fails later, in the workers)."""
+    from policy_server.server import choose_backend
+
+    try:
+        specs = [source.spec for source in scan(settings.policy_dir).policies.values() if source.spec is not None]
+        return any(choose_backend(spec, settings) == "ray" for spec in specs)
+    except ConfigError:
+        return False
 
 
 def _openapi(directory: str) -> tuple[dict[str, Any], str]:

@@ -39,6 +39,7 @@ from conftest import (
     settings_for,
 )
 from fastapi.testclient import TestClient
+from pydantic import TypeAdapter
 from ray import serve as ray_serve
 from ray_support import (
     NODE_IP,
@@ -57,9 +58,10 @@ from test_batch_isolation import CLIENTS, REQUESTS_PER_CLIENT, error_id_of, pois
 from test_metrics import sample_value
 
 from policy_server import loading
-from policy_server.errors import ConfigError
+from policy_server.errors import ConfigError, InputError
 from policy_server.executors.ray import DeploymentFailed, RayExecutor, app_builder
 from policy_server.loading import SCHEMA_FILE, ModelVersion, load_policy_spec, load_version
+from policy_server.observations import RowEncoder, observation_model
 from policy_server.policy import Decisions, Kind, Policy, Result, Task
 from policy_server.server import build_app, choose_backend
 from policy_server.settings import Settings
@@ -385,9 +387,117 @@ def test_a_killed_replica_loses_no_request(local_ray: str, make_policy_dir: Make
                 load.join()
         wait_until(lambda: _replica_pids(server.url) not in ([], [victim_pid]), 60, "/info shows the new replica")
     assert outcomes == [200] * len(outcomes)
-    assert "a replica died with a request in flight" in server.log
+    assert "a replica died with a call of 1 request(s) in flight" in server.log
     assert server.returncode in (0, -signal.SIGTERM), server.log
     assert ray.is_initialized() and folder.name not in ray_serve.status().applications
+
+
+# Coalescing (DESIGN.md §5): concurrent tasks leave this process as one handle call.
+COALESCED_TASKS = 24  # within max_batch_size (64) rows: one call
+KILLS_AT_MOST = 4
+
+
+def _tuple_tasks(folder: Path, observations: list[Observation]) -> list[Task]:
+    """The tasks the routes would build for these observations, each kind of answer in the mix."""
+    spec = load_policy_spec(folder)
+    encoder, parse = RowEncoder(spec), TypeAdapter(observation_model(spec)).validate_python
+    kinds = (Kind.DETERMINISTIC, Kind.DISTRIBUTION, Kind.SAMPLE)
+    return [Task(encoder.encode([parse(o)]), kinds[i % 3], seed=i) for i, o in enumerate(observations)]
+
+
+def _comparable(result: Result | BaseException) -> object:
+    """An InputError by its 422 detail (exceptions compare by identity), anything else as it is."""
+    return result.as_detail() if isinstance(result, InputError) else result
+
+
+def _calls_and_rows(executor: RayExecutor) -> tuple[int, int]:
+    (replica,) = executor.describe()["replica_details"]
+    return replica["calls_answered"], replica["rows_answered"]
+
+
+def test_concurrent_tasks_reach_the_replica_in_one_handle_call_each_answered_alone(local_ray: str, tmp_path: Path) -> None:
+    """24 tasks submitted at once reach the replica as ONE handle call and one forward pass; each
+    gets exactly the result local computes for it alone. Then the same with one task whose action
+    mask allows nothing: still one call, that task alone gets its InputError (a 422), the others
+    their results."""
+    folder = policy_copy("tuple_masking", tmp_path, "coalesced")
+    version = ModelVersion.of_folder(folder, load_policy_spec(folder))
+    observations = (_tuple_observations(random.Random(1)) * 4)[:COALESCED_TASKS]
+    blocked = observations[0] | {"actionMask": [False, False, True, True, True]}
+    rounds = {"good": _tuple_tasks(folder, observations), "one bad": _tuple_tasks(folder, [*observations[:5], blocked, *observations[6:]])}
+    local = load_version(version)
+    passes: list[tuple[int, float]] = []
+
+    async def scenario() -> dict[str, tuple[list[Result | BaseException], tuple[int, int], tuple[int, int]]]:
+        executor = RayExecutor(version, settings_for(folder, **_ray_settings()), lambda rows, seconds: passes.append((rows, seconds)))
+        await executor.start()
+        outcomes = {}
+        try:
+            for name, tasks in rounds.items():
+                before = _calls_and_rows(executor)
+                results = await asyncio.gather(*(executor.run(task) for task in tasks), return_exceptions=True)
+                await executor._describe_replicas()
+                outcomes[name] = (results, before, _calls_and_rows(executor))
+        finally:
+            await executor.stop()
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    for name, tasks in rounds.items():
+        results, (calls_before, rows_before), (calls_after, rows_after) = outcomes[name]
+        assert (calls_after - calls_before, rows_after - rows_before) == (1, COALESCED_TASKS), name
+        expected = local.run(tasks)  # one forward pass of the same rows, as the replica's
+        assert [_comparable(result) for result in results] == [_comparable(result) for result in expected], name
+    errors = [i for i, result in enumerate(outcomes["one bad"][0]) if isinstance(result, BaseException)]
+    assert errors == [5] and isinstance(outcomes["one bad"][0][5], InputError)
+    assert [rows for rows, _ in passes] == [COALESCED_TASKS, COALESCED_TASKS]  # one forward pass per call, counted once
+
+
+def test_a_replica_killed_with_a_coalesced_call_in_flight_loses_no_request(local_ray: str, make_policy_dir: MakePolicyDir) -> None:
+    """`uvicorn app:app` joined to the module's Ray, 16 clients sending one observation each in a
+    loop, so handle calls of several requests are always in flight; SIGKILL the replica: the call it
+    had is sent again whole, to the replica Serve starts instead, and every request gets a 200."""
+    folder = make_policy_dir(MOUSE_SCHEMA, _slow_mouse_model(), 6)
+    port = free_port()
+    env = {"RAY_ADDRESS": local_ray, "POLICY_SERVER_RAY_NODE_IP": NODE_IP, "POLICY_SERVER_RAY_REPLICA_CPUS": str(REPLICA_CPUS)}
+    outcomes: list[int | str] = []
+    stop = threading.Event()
+
+    def client(url: str) -> None:
+        with httpx.Client(base_url=url, timeout=90.0) as session:
+            while not stop.is_set():
+                try:
+                    outcomes.append(session.post("/predict", json=MOUSE_OBSERVATION, headers=AUTH).status_code)
+                except httpx.HTTPError as exc:
+                    outcomes.append(repr(exc))
+
+    def resent(log: str) -> list[int]:
+        return [int(n) for n in re.findall(r"a replica died with a call of (\d+) request\(s\) in flight", log)]
+
+    with running_server(uvicorn_command(port), port, cwd=folder, env=env, ready_path="/health") as server:
+        ready_statuses(server.url)
+        clients = [threading.Thread(target=client, args=(server.url,)) for _ in range(16)]
+        for thread in clients:
+            thread.start()
+        try:
+            wait_until(lambda: len(outcomes) >= 100, 60, "answers before the kill")
+            # The calls in flight hold a few requests each; should the killed ones hold one each, kill again.
+            for _ in range(KILLS_AT_MOST):
+                (victim_pid,) = _replica_pids(server.url)
+                victim = psutil.Process(victim_pid)
+                assert victim in descendants(os.getpid())  # the module's Ray runs it: ours to kill
+                victim.send_signal(signal.SIGKILL)
+                at_kill = len(outcomes)
+                wait_until(lambda at_kill=at_kill: len(outcomes) >= at_kill + 100, 120, "answers after the kill")
+                wait_until(lambda pid=victim_pid: _replica_pids(server.url) not in ([], [pid]), 60, "/info shows the new replica")
+                if max(resent(server.log), default=0) > 1:
+                    break
+        finally:
+            stop.set()
+            for thread in clients:
+                thread.join()
+    assert outcomes == [200] * len(outcomes)
+    assert max(resent(server.log), default=0) > 1, server.log  # a call of several requests was in flight, and sent again
 
 
 def test_sigterm_drains_keep_alive_clients_then_deletes_the_application(local_ray: str, mouse_dir: Path) -> None:
@@ -479,6 +589,48 @@ def test_uvicorn_starts_and_stops_its_own_ray(tmp_path: Path) -> None:
     assert server.log.count("Finished loading") == 1
     assert "Application shutdown complete" in server.log and "Traceback" not in server.log
     assert survivors(ray_processes, timeout_s=30) == []
+
+
+def test_workers_share_one_ray_and_one_application(tmp_path: Path) -> None:
+    """`generate.py serve --workers 2` with backend ray and no RAY_ADDRESS: the supervisor starts one
+    Ray, both workers answer (each counts requests under its own pid) from the one replica of one
+    application; SIGTERM ends the workers, then Ray: nothing is left running."""
+    folder = policy_copy("mouse_and_cheese", tmp_path, "shared_workers")
+    port, counters = free_port(), tmp_path / "prometheus"
+    counters.mkdir()
+    env = {
+        "POLICY_SERVER_BACKEND": "ray",
+        "POLICY_SERVER_RAY_NODE_IP": NODE_IP,
+        "POLICY_SERVER_RAY_CPUS": "1",
+        "POLICY_SERVER_RAY_METRICS_PORT": str(free_port()),
+        "POLICY_SERVER_RAY_REPLICA_CPUS": str(REPLICA_CPUS),
+        "PROMETHEUS_MULTIPROC_DIR": str(counters),
+    }
+    command = [*serve_command(folder, port), "--workers", "2"]
+    with (
+        ray_temp_dir() as temp_dir,
+        running_server(command, port, cwd=folder, env=env | {"RAY_TMPDIR": temp_dir}, ready_path="/health") as server,
+    ):
+        # a new connection each time, so both workers are asked
+        wait_until(lambda: all(_status(f"{server.url}/ready") == 200 for _ in range(10)), READY_TIMEOUT_S, "both workers ready")
+        statuses = [httpx.post(f"{server.url}/predict", json=MOUSE_OBSERVATION, headers=AUTH).status_code for _ in range(40)]
+        replica_pids = {pid for _ in range(10) for pid in _replica_pids(server.url)}
+        processes = descendants(server.process.pid)
+        workers = {process.pid for process in psutil.Process(server.process.pid).children() if "spawn_main" in " ".join(process.cmdline())}
+        replicas = [process for process in processes if "ServeReplica" in " ".join(process.cmdline())]
+        gcs_servers = [process for process in processes if process.name() == "gcs_server"]
+    assert statuses == [200] * 40
+    answered_by = {int(path.stem.rsplit("_", 1)[-1]) for path in counters.glob("counter_*.db")}
+    assert len(workers) == 2 and answered_by >= workers, (answered_by, workers)  # the supervisor may count too
+    assert len(gcs_servers) == 1 and len(replicas) == 1  # one Ray, one replica of one application
+    assert replica_pids == {replicas[0].pid}
+    assert server.returncode in (0, -signal.SIGTERM), server.log
+    assert "Traceback" not in server.log
+    assert survivors(processes, timeout_s=30) == []
+
+
+def _status(url: str) -> int:
+    return httpx.get(url, timeout=30.0).status_code
 
 
 def _replica_pids(url: str) -> list[int]:

@@ -1,10 +1,8 @@
 """The default executor: the policy in this process, concurrent requests coalesced.
 
-Requests wait in a pending list. When the executor is free, everything pending (up to
-`max_batch_size` rows) leaves as one batch: one forward pass. Requests that arrive while it
-computes form the next batch, so a lone request never waits and throughput rises with load.
-`batch_wait_ms` > 0 additionally holds a batch that long for more rows. When the model raises on
-a batch, its tasks run again in halves, so one client's bad input fails that client's request only.
+Requests are coalesced into batches (coalescing.py): one batch at a time, one forward pass each,
+so a lone request never waits and throughput rises with load. When the model raises on a batch,
+its tasks run again in halves, so one client's bad input fails that client's request only.
 
 Where a batch runs depends on its cost. Handing a batch to the worker thread and back costs a
 round trip through the event loop (~90 µs on a 2-core VM, more under load), about what a small
@@ -13,10 +11,6 @@ the GIL, so the loop could not run beside it anyway. So a batch whose estimated 
 under `inline_budget_ms` (1 ms by default) runs on the event loop; any other batch runs on the
 worker thread, so a large batch or a slow model never stalls the server. The estimate is linear
 in rows, from the policy timed at start-up on one row and on a full batch.
-
-No batching task sits in between: the request that finds the executor free schedules the batch
-one loop turn later (so requests parsed in the same turn join it), and each finished batch
-schedules the next.
 
 `switch` loads another version beside the active one (on a thread of its own: requests go on
 being answered), warms and times it, then makes it active in one step. A task runs on the
@@ -35,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from policy_server.errors import InputError, PolicyFailure
 from policy_server.executors import run_isolating_failures
+from policy_server.executors.coalescing import Coalescer, Pending
 from policy_server.loading import ModelVersion, load_version
 from policy_server.policy import Kind, Policy, Result, Task
 from policy_server.runtimes import gpu_memory
@@ -64,13 +58,6 @@ class Active:
     cost: CostModel
 
 
-@dataclass(frozen=True)
-class _Pending:
-    task: Task
-    future: "asyncio.Future[Result]"
-    on: Active
-
-
 class LocalExecutor:
     backend = "local"
     starts_in_background = False
@@ -93,11 +80,7 @@ class LocalExecutor:
         self.max_batch_rows = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000
         self.torch_threads = torch_threads
-        self._pending: list[_Pending] = []
-        self._pending_rows = 0
-        self._busy = False  # a batch is on the worker, or waiting for company
-        self._wait: asyncio.TimerHandle | None = None
-        self._idle = asyncio.Event()
+        self._batches: Coalescer[Active] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: ThreadPoolExecutor | None = None
         self._ready = False
@@ -115,7 +98,7 @@ class LocalExecutor:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
         torch.set_num_threads(self.torch_threads)  # per thread: here for the batches run on the loop, in _prepare for the worker's
         self._active = await self._loop.run_in_executor(self._worker, self._prepare, self.policy)
-        self._idle.set()
+        self._batches = Coalescer(self._loop, self._launch, self.max_batch_rows, self.batch_wait_s)
         self._ready = True
 
     async def switch(self, version: ModelVersion) -> None:
@@ -150,74 +133,36 @@ class LocalExecutor:
     async def stop(self) -> None:
         """Answer every accepted task, then end the worker thread."""
         self._ready = False
-        await self._idle.wait()
+        if self._batches is not None:
+            await self._batches.idle()
         if self._worker is not None:
             self._worker.shutdown(wait=True)
 
     async def run(self, task: Task) -> Result:
-        assert self._loop is not None and self._active is not None, "start() first"
-        future: asyncio.Future[Result] = self._loop.create_future()
-        self._pending.append(_Pending(task, future, self._active))
-        self._pending_rows += len(task.rows)
-        self._idle.clear()
-        if not self._busy:
-            self._busy = True
-            if self.batch_wait_s > 0 and self._pending_rows < self.max_batch_rows:
-                self._wait = self._loop.call_later(self.batch_wait_s, self._dispatch)
-            else:
-                self._loop.call_soon(self._dispatch)  # requests parsed in this loop turn join the batch
-        elif self._wait is not None and self._pending_rows >= self.max_batch_rows:
-            self._dispatch()  # the waiting batch is full: no need to wait longer
-        return await future
+        assert self._batches is not None and self._active is not None, "start() first"
+        return await self._batches.submit(task, self._active)
 
     def describe(self) -> dict[str, Any]:
         info = self.policy.describe()
         return info | {"backend": self.backend, "replicas": 1, "gpu_memory": gpu_memory(info["device"])}
 
-    def _dispatch(self) -> None:
-        """Run the next batch, inline or on the worker (on the event loop; `_busy` is already set)."""
-        if self._wait is not None:
-            self._wait.cancel()
-            self._wait = None
-        if not self._pending:
-            self._busy = False
-            self._idle.set()
-            return
-        first = self._pending[0]
-        batch, rows = [first], len(first.task.rows)
-        for item in self._pending[1:]:
-            if item.on is not first.on or rows + len(item.task.rows) > self.max_batch_rows:
-                break
-            batch.append(item)
-            rows += len(item.task.rows)
-        del self._pending[: len(batch)]
-        self._pending_rows -= rows
-        assert self._worker is not None
-        if first.on.cost.seconds(rows) < self.inline_budget_s:
-            self._deliver(batch, self._compute(batch))
+    def _launch(self, batch: list[Pending[Active]], rows: int) -> None:
+        """Run the batch inline or on the worker (on the event loop)."""
+        assert self._worker is not None and self._batches is not None
+        if batch[0].on.cost.seconds(rows) < self.inline_budget_s:
+            self._batches.deliver(batch, self._compute(batch))
         else:
             self._worker.submit(self._compute_on_worker, batch)
 
-    def _compute_on_worker(self, batch: list[_Pending]) -> None:
+    def _compute_on_worker(self, batch: list[Pending[Active]]) -> None:
         results = self._compute(batch)
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._deliver, batch, results)
+        assert self._loop is not None and self._batches is not None
+        self._loop.call_soon_threadsafe(self._batches.deliver, batch, results)
 
-    def _compute(self, batch: list[_Pending]) -> list[Result]:
+    def _compute(self, batch: list[Pending[Active]]) -> list[Result]:
         """One forward pass for the batch; a task whose input makes the model fail fails alone."""
         results, passes = run_isolating_failures(batch[0].on.policy, [item.task for item in batch])
         if self.observe_batch is not None:
             for forward_pass in passes:
                 self.observe_batch(forward_pass.rows, forward_pass.seconds)
         return results
-
-    def _deliver(self, batch: list[_Pending], results: list[Result]) -> None:
-        for item, result in zip(batch, results, strict=True):
-            if item.future.done():  # the client went away
-                continue
-            if isinstance(result, InputError | PolicyFailure):
-                item.future.set_exception(result)
-            else:
-                item.future.set_result(result)
-        assert self._loop is not None
-        self._loop.call_soon(self._dispatch)  # after this turn: its requests can join the next batch

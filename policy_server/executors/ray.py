@@ -9,6 +9,12 @@ Ray: started here (a local instance, node address `POLICY_SERVER_RAY_NODE_IP`, i
 the FastAPI app is the only way in. On stop, a Ray we started is shut down with Serve; a cluster
 we joined keeps running, less our application.
 
+Tasks are coalesced here as in `local` (coalescing.py): what arrives while calls are in flight
+leaves as the next call, its tasks' rows stacked in one `Parcel`, up to `max_batch_size` rows; a
+few calls are in flight per running replica. A replica's `@serve.batch` joins the calls that
+arrive together (from several API processes too) and answers them in forward passes of at most
+`max_batch_size` rows; each task gets its own answer or error.
+
 Each policy is its own Serve application, named as the policy. A version switch first loads the
 new version in a one-off Ray task (a version that does not fit its schema never reaches the
 application), then redeploys the application with it: Serve's rolling update, which with a surge
@@ -21,11 +27,25 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+# Serve's throughput mode (Ray >= 2.56: gRPC between handle and replicas, user code on the
+# replica's own loop, ...): read when ray.serve is imported, here and in the Ray processes we
+# start, which inherit this environment. A user's own setting wins. Without its direct ingress:
+# Serve's HTTP is off here, and with it on, Serve's shutdown waits its full 30 s timeout. Nor
+# with its logging changes: a failed request's error id and traceback must reach the replica's
+# log (stderr too) at once, not after 1,000 more records.
+os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0")
+os.environ.setdefault("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1")
+os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "1")
 
 import ray
 import ray._private.ray_constants as ray_constants
@@ -37,9 +57,10 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
 
 from policy_server.errors import ConfigError, InputError, PolicyFailure
-from policy_server.executors import run_isolating_failures
+from policy_server.executors import ray_workers, run_isolating_failures
+from policy_server.executors.coalescing import Coalescer, Pending
 from policy_server.loading import ModelVersion, load_policy_spec, load_version
-from policy_server.policy import Decisions, Distributions, Result, Task
+from policy_server.policy import Decisions, Distributions, Kind, Result, Task
 from policy_server.runtimes import gpu_memory
 from policy_server.settings import Settings
 
@@ -52,6 +73,12 @@ DESCRIBE_EVERY_S = 5.0
 # Routing picks replicas at random, so one describe call per replica may miss some.
 DESCRIBE_CALLS_PER_REPLICA = 4
 DESCRIBE_AGAIN_AFTER_S = 0.2  # after a switch, while some new replica has not answered yet
+# Handle calls this process keeps in flight: per running replica, one being computed and one
+# waiting, so that no replica idles while another call's answers travel back.
+CALLS_IN_FLIGHT_PER_REPLICA = 2
+MIN_CALLS_IN_FLIGHT = 2
+# Handle calls (from this and other API processes) a replica answers together, at most.
+CALLS_PER_REPLICA_BATCH = 16
 # Ray's and Serve's connections are per process, and setting them up is not thread-safe.
 _SETUP_LOCK = threading.Lock()
 # Extra replicas a rolling update may start beyond `serving.replicas` (rounded up, so at least one):
@@ -68,7 +95,7 @@ class Answer:
     task of each forward pass only, so the app's metrics count every pass once.
     """
 
-    result: Decisions | Distributions | None = None
+    decisions: Decisions | Distributions | None = None
     input_error: tuple[tuple[str | int, ...], str, str] | None = None  # loc, msg, kind
     failure_id: str | None = None
     batch: tuple[int, float] | None = None
@@ -79,16 +106,53 @@ class Answer:
             return cls(input_error=(result.loc, result.msg, result.kind), batch=batch)
         if isinstance(result, PolicyFailure):
             return cls(failure_id=result.error_id, batch=batch)
-        return cls(result=result, batch=batch)
+        return cls(decisions=result, batch=batch)
 
-    def unwrap(self) -> Decisions | Distributions:
-        """The result, or the error raised as in the local executor (422 or 500)."""
+    def result(self) -> Result:
+        """The result, or the error as in the local executor (a 422 or a 500)."""
         if self.input_error is not None:
-            raise InputError(*self.input_error)
+            return InputError(*self.input_error)
         if self.failure_id is not None:
-            raise PolicyFailure(self.failure_id)
-        assert self.result is not None
-        return self.result
+            return PolicyFailure(self.failure_id)
+        assert self.decisions is not None
+        return self.decisions
+
+
+@dataclass(frozen=True)
+class Parcel:
+    """The tasks of one handle call, as they cross processes: their rows stacked into one array
+    (pickled as one buffer, not one object per task), with each task's row count, kind and seed."""
+
+    rows: np.ndarray
+    sizes: tuple[int, ...]
+    kinds: tuple[Kind, ...]
+    seeds: tuple[int | None, ...]
+
+    @classmethod
+    def of(cls, tasks: Sequence[Task]) -> "Parcel":
+        rows = tasks[0].rows if len(tasks) == 1 else np.concatenate([task.rows for task in tasks])
+        return cls(rows, tuple(len(task.rows) for task in tasks), tuple(task.kind for task in tasks), tuple(task.seed for task in tasks))
+
+    def tasks(self) -> list[Task]:
+        """The tasks again. Ray hands arrays over read-only (zero-copy), which torch warns on: one copy."""
+        rows = self.rows if self.rows.flags.writeable else self.rows.copy()
+        ends = np.cumsum(self.sizes).tolist()
+        starts = [0, *ends[:-1]]
+        return [Task(rows[start:end], kind, seed) for start, end, kind, seed in zip(starts, ends, self.kinds, self.seeds, strict=True)]
+
+
+def forward_batches(tasks: list[Task], max_rows: int) -> Iterator[list[Task]]:
+    """The tasks in order, cut into batches of at most `max_rows` rows (a larger task alone)."""
+    batch: list[Task] = []
+    rows = 0
+    for task in tasks:
+        if batch and rows + len(task.rows) > max_rows:
+            yield batch
+            batch, rows = [], 0
+        batch.append(task)
+        rows += len(task.rows)
+    if batch:
+        yield batch
 
 
 @serve.deployment(name="PolicyDeployment", logging_config={"enable_access_log": False})
@@ -100,17 +164,27 @@ class PolicyDeployment:
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.policy = load_version(version, device)
         self.policy.warm_up()
+        self.max_rows = version.spec.serving.max_batch_size
         self.rows_answered = 0
-        self.run.set_max_batch_size(version.spec.serving.max_batch_size)
+        self.calls_answered = 0
+        self.run.set_max_batch_size(CALLS_PER_REPLICA_BATCH)
         self.run.set_batch_wait_timeout_s(version.spec.serving.batch_wait_ms / 1000)
 
-    @serve.batch  # sizes come from the schema, set in __init__
-    async def run(self, tasks: list[Task]) -> list[Answer]:
-        """One forward pass for every task of the batch; a task whose input makes the model fail fails alone."""
-        results, passes = run_isolating_failures(self.policy, [_writable(task) for task in tasks])
-        self.rows_answered += sum(forward_pass.rows for forward_pass in passes)
-        batches = {forward_pass.first_task: (forward_pass.rows, forward_pass.seconds) for forward_pass in passes}
-        return [Answer.of(result, batches.get(i)) for i, result in enumerate(results)]
+    @serve.batch  # the wait comes from the schema, set in __init__
+    async def run(self, parcels: list[Parcel]) -> list[list[Answer]]:
+        """The handle calls that arrived together (from one API process or several), their tasks
+        answered in forward passes of at most max_batch_size rows; a task whose input makes the
+        model fail fails alone. One list of answers per call."""
+        tasks = [task for parcel in parcels for task in parcel.tasks()]
+        answers: list[Answer] = []
+        for batch in forward_batches(tasks, self.max_rows):
+            results, passes = run_isolating_failures(self.policy, batch)
+            self.rows_answered += sum(forward_pass.rows for forward_pass in passes)
+            batches = {forward_pass.first_task: (forward_pass.rows, forward_pass.seconds) for forward_pass in passes}
+            answers += [Answer.of(result, batches.get(i)) for i, result in enumerate(results)]
+        self.calls_answered += len(parcels)
+        ends = np.cumsum([len(parcel.sizes) for parcel in parcels]).tolist()
+        return [answers[end - len(parcel.sizes) : end] for parcel, end in zip(parcels, ends, strict=True)]
 
     def describe(self) -> dict[str, Any]:
         """The policy as `Policy.describe`, and which replica, where, and how busy it has been."""
@@ -121,12 +195,8 @@ class PolicyDeployment:
             "pid": os.getpid(),
             "gpu_memory": gpu_memory(info["device"]),
             "rows_answered": self.rows_answered,
+            "calls_answered": self.calls_answered,
         }
-
-
-def _writable(task: Task) -> Task:
-    """Ray hands arrays over read-only (zero-copy); torch warns on those. Rows are small: copy."""
-    return task if task.rows.flags.writeable else replace(task, rows=task.rows.copy())
 
 
 def policy_application(version: ModelVersion, settings: Settings) -> serve.Application:
@@ -180,6 +250,40 @@ class RayMode(Enum):
     INHERITED = "inherited"  # this process was already connected: leave the connection alone
 
 
+def connect(settings: Settings) -> RayMode:
+    """Start or join Ray as `settings` say (or keep this process's connection).
+
+    Calling ray.init off the main thread also keeps uvicorn's SIGTERM handler: Ray would put its own."""
+    if ray.is_initialized():
+        return RayMode.INHERITED
+    # Ray's C++ handler for SIGTERM makes the ray.shutdown() that follows abort the process
+    # (ray-project/ray#37288): uvicorn handles SIGTERM, and stop() shuts Ray down after it.
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    common: dict[str, Any] = {
+        "_node_ip_address": settings.ray_node_ip,
+        "configure_logging": False,
+        # Ray ships this package, as this process has it, to every replica (Serve takes the job's
+        # runtime_env as the deployment's): the nodes need its dependencies, not the package.
+        "runtime_env": {"py_modules": [PACKAGE_DIR]},
+    }
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, **common)
+        return RayMode.JOINED
+    ray.init(num_cpus=settings.ray_cpus, include_dashboard=False, _metrics_export_port=settings.ray_metrics_port, **common)
+    return RayMode.STARTED
+
+
+def shut_down_ray(mode: RayMode | None) -> None:
+    """Serve and Ray shut down if we started them; a cluster we joined, disconnected from."""
+    if mode is RayMode.STARTED:
+        serve.shutdown()
+        # Waiting lets the raylet end gracefully before this process does: killed with it,
+        # its agents would linger for a minute trying to report the death to a dead GCS.
+        ray.shutdown(wait_for_processes=True)
+    elif mode is RayMode.JOINED:
+        ray.shutdown()
+
+
 class RayExecutor:
     backend = "ray"
     starts_in_background = True  # Ray takes many seconds to start: serve /health and /ready meanwhile
@@ -197,6 +301,9 @@ class RayExecutor:
         self._running = 0  # replicas, as Serve counts them
         self._replicas: dict[str, dict[str, Any]] = {}  # replica id → its latest describe(), as far as seen
         self._describing: asyncio.Task[None] | None = None
+        self._batches: Coalescer[DeploymentHandle] | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+        self._shared = ray_workers.shared_dir()  # set in the workers of `generate.py serve --workers N`
 
     @property
     def ready(self) -> bool:
@@ -206,6 +313,8 @@ class RayExecutor:
         """Start or join Ray, deploy, and return once a replica has described itself."""
         try:
             await asyncio.to_thread(self._deploy)
+            self._handle = self._loop_handle()
+            self._batches = Coalescer(asyncio.get_running_loop(), self._launch, self.version.spec.serving.max_batch_size)
             await self._describe_replicas()
             self._describing = asyncio.create_task(self._keep_describing())
             self._ready = True
@@ -242,6 +351,13 @@ class RayExecutor:
         self.version = version
         await self._describe_replicas(forget_earlier=True)
 
+    def _loop_handle(self) -> DeploymentHandle:
+        """A handle of our own (not Serve's cached one) that routes on this event loop rather than
+        on a thread of its own: a thread hop less per call. stop() shuts its router down."""
+        handle: DeploymentHandle = DeploymentHandle(PolicyDeployment.name, self.app_name)
+        handle._init(_run_router_in_separate_loop=False)
+        return handle
+
     async def _check_loads(self, version: ModelVersion) -> None:
         """Load `version` in a one-off Ray task, off the replicas: its ConfigError if it does not fit its schema."""
         check = ray.remote(num_cpus=self.settings.ray_replica_cpus, max_retries=0)(_load_problem)
@@ -250,8 +366,12 @@ class RayExecutor:
             raise ConfigError(*problem)
 
     async def stop(self) -> None:
-        """Delete our deployment (with Serve and Ray too, if we started them)."""
+        """Answer the calls in flight, then delete our deployment (with Serve and Ray too, if we started them)."""
         self._ready = False
+        if self._batches is not None:
+            await self._batches.idle()
+        if self._handle is not None:
+            await self._handle.shutdown_async()
         if self._describing is not None:
             self._describing.cancel()
             await asyncio.wait([self._describing])
@@ -259,14 +379,27 @@ class RayExecutor:
 
     async def run(self, task: Task) -> Result:
         await self._started.wait()
-        if self._handle is None:
+        if self._handle is None or self._batches is None:
             error_id = uuid.uuid4().hex[:12]
             logger.error("a request came before the deployment, which failed to start (error id %s)", error_id)
             raise PolicyFailure(error_id)
-        answer = await self._send(self._handle, task)
-        if answer.batch is not None and self.observe_batch is not None:
-            self.observe_batch(*answer.batch)
-        return answer.unwrap()
+        return await self._batches.submit(task, self._handle)
+
+    def _launch(self, batch: list[Pending[DeploymentHandle]], rows: int) -> None:
+        """Send the batch as one handle call (on the event loop); its answers are delivered when back."""
+        call = asyncio.create_task(self._call(batch))
+        self._calls.add(call)  # the loop holds tasks weakly
+        call.add_done_callback(self._calls.discard)
+
+    async def _call(self, batch: list[Pending[DeploymentHandle]]) -> None:
+        answers = await self._send(batch[0].on, [item.task for item in batch])
+        results: list[Result] = []
+        for answer in answers:
+            if answer.batch is not None and self.observe_batch is not None:
+                self.observe_batch(*answer.batch)
+            results.append(answer.result())
+        assert self._batches is not None
+        self._batches.deliver(batch, results)
 
     def describe(self) -> dict[str, Any]:
         """What the replicas said of themselves, at most DESCRIBE_EVERY_S ago."""
@@ -278,50 +411,69 @@ class RayExecutor:
             if key in first
         }
         details = [
-            {key: replica[key] for key in ("replica", "node_id", "pid", "version", "device", "gpu_memory", "rows_answered")}
+            {
+                key: replica[key]
+                for key in ("replica", "node_id", "pid", "version", "device", "gpu_memory", "rows_answered", "calls_answered")
+            }
             for replica in replicas
         ]
         return policy | {"backend": self.backend, "replicas": self._running, "replica_details": details}
 
-    async def _send(self, handle: DeploymentHandle, task: Task) -> Answer:
-        """The replica's answer; once more if the replica died meanwhile (Serve replaces it)."""
+    async def _send(self, handle: DeploymentHandle, tasks: list[Task]) -> list[Answer]:
+        """The replica's answer to each task, sent as one call; once more if the replica died
+        meanwhile (Serve replaces it). Any other failure: one PolicyFailure for all of them."""
+        parcel = Parcel.of(tasks)
         try:
             try:
-                return await handle.run.remote(task)
+                return await handle.run.remote(parcel)
             except RayActorError as exc:
-                logger.warning("a replica died with a request in flight (%s); sending it again", type(exc).__name__)
-                return await handle.run.remote(task)
+                logger.warning(
+                    "a replica died with a call of %d request(s) in flight (%s); sending it again", len(tasks), type(exc).__name__
+                )
+                return await handle.run.remote(parcel)
         except Exception:
             error_id = uuid.uuid4().hex[:12]
-            logger.exception("the deployment failed on a request (error id %s)", error_id)
-            raise PolicyFailure(error_id) from None
+            logger.exception("the deployment failed on a call of %d request(s) (error id %s)", len(tasks), error_id)
+            return [Answer(failure_id=error_id)] * len(tasks)
 
     def _deploy(self) -> None:
         """Blocking (in a thread): Ray, Serve without its HTTP proxy, then our application, unless
         one of that name runs already (declared by a Serve config file, say): then that one."""
-        with _SETUP_LOCK:
-            self._mode = self._connect()
+        with _SETUP_LOCK, self._application_lock():
+            self._mode = connect(self.settings)
             serve.start(proxy_location=ProxyLocation.Disabled)
+            if self._shared is not None:
+                self._deployed = True  # shared by the workers: any of them deploys and switches it
+                if not ray_workers.runs(self._shared, self.app_name, self.version):
+                    self._run_application(self.version)
+                return
             running = serve.status().applications.get(self.app_name)
             if running is not None and running.status == ApplicationStatus.RUNNING:
                 logger.info("the application %r runs on the cluster already: using it", self.app_name)
-                self._handle = serve.get_app_handle(self.app_name)
                 return
             self._deployed = True
-            self._handle = self._run_application(self.version)
+            self._run_application(self.version)
 
     def _roll_to(self, version: ModelVersion) -> None:
-        """Blocking (in a thread): our application onto `version`, by Serve's rolling update."""
-        with _SETUP_LOCK:
-            self._run_application(version)
+        """Blocking (in a thread): our application onto `version`, by Serve's rolling update,
+        unless another worker sharing it did that already."""
+        with _SETUP_LOCK, self._application_lock():
+            if self._shared is None or not ray_workers.runs(self._shared, self.app_name, version):
+                self._run_application(version)
 
-    def _run_application(self, version: ModelVersion) -> DeploymentHandle:
+    def _application_lock(self) -> AbstractContextManager[None]:
+        """Across the workers sharing the application; nothing to hold for a lone server."""
+        return ray_workers.application_lock(self._shared, self.app_name) if self._shared is not None else nullcontext()
+
+    def _run_application(self, version: ModelVersion) -> None:
         """Deploy `version` as our application, or roll the application onto it; return once all
         its replicas run it. The caller holds _SETUP_LOCK (serve.run connects to Serve)."""
         try:
-            return serve.run(policy_application(version, self.settings), name=self.app_name, route_prefix=None)
+            serve.run(policy_application(version, self.settings), name=self.app_name, route_prefix=None)
         except RuntimeError as exc:
             raise DeploymentFailed(f"{exc} {self._failure_reason()}") from None
+        if self._shared is not None:
+            ray_workers.record(self._shared, self.app_name, version)
 
     def _failure_reason(self) -> str:
         """The last line of Serve's message on our deployment: the replicas' error, e.g. a ConfigError."""
@@ -329,31 +481,6 @@ class RayExecutor:
         deployment = application.deployments.get(PolicyDeployment.name) if application is not None else None
         lines = deployment.message.strip().splitlines() if deployment is not None else []
         return lines[-1] if lines else "(Serve gave no reason: see the replicas' log above)"
-
-    def _connect(self) -> RayMode:
-        """Calling ray.init off the main thread also keeps uvicorn's SIGTERM handler: Ray would put its own."""
-        if ray.is_initialized():
-            return RayMode.INHERITED
-        # Ray's C++ handler for SIGTERM makes the ray.shutdown() that follows abort the process
-        # (ray-project/ray#37288): uvicorn handles SIGTERM, and stop() shuts Ray down after it.
-        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
-        common: dict[str, Any] = {
-            "_node_ip_address": self.settings.ray_node_ip,
-            "configure_logging": False,
-            # Ray ships this package, as this process has it, to every replica (Serve takes the job's
-            # runtime_env as the deployment's): the nodes need its dependencies, not the package.
-            "runtime_env": {"py_modules": [PACKAGE_DIR]},
-        }
-        if self.settings.ray_address:
-            ray.init(address=self.settings.ray_address, **common)
-            return RayMode.JOINED
-        ray.init(
-            num_cpus=self.settings.ray_cpus,
-            include_dashboard=False,
-            _metrics_export_port=self.settings.ray_metrics_port,
-            **common,
-        )
-        return RayMode.STARTED
 
     async def _keep_describing(self) -> None:
         while True:
@@ -370,6 +497,8 @@ class RayExecutor:
         of the new ones a moment after Serve reports them running, so ask again until every one
         answered (for DESCRIBE_EVERY_S at most; the periodic describe sees the rest)."""
         self._running = running = await asyncio.to_thread(self._running_replicas)
+        if self._batches is not None:
+            self._batches.max_in_flight = max(MIN_CALLS_IN_FLIGHT, CALLS_IN_FLIGHT_PER_REPLICA * running)
         seen = await self._ask_replicas(running)
         deadline = time.monotonic() + DESCRIBE_EVERY_S
         while forget_earlier and len(seen) < running and time.monotonic() < deadline:
@@ -393,14 +522,8 @@ class RayExecutor:
         return deployment.replica_states.get("RUNNING", 0)
 
     def _tear_down(self) -> None:
+        """Our application deleted (unless Ray goes with it, or other workers share it), then Ray."""
         with _SETUP_LOCK:
-            if self._mode is RayMode.STARTED:
-                serve.shutdown()
-                # Waiting lets the raylet end gracefully before this process does: killed with it,
-                # its agents would linger for a minute trying to report the death to a dead GCS.
-                ray.shutdown(wait_for_processes=True)
-                return
-            if self._deployed:
+            if self._deployed and self._mode is not RayMode.STARTED and self._shared is None:
                 serve.delete(self.app_name)
-            if self._mode is RayMode.JOINED:
-                ray.shutdown()
+            shut_down_ray(self._mode)
