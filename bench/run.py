@@ -77,6 +77,7 @@ class Config:
     cold_start: bool = False  # also time a first start, before the model's trace is cached
     pinned: bool = True  # the server on its own core, away from wrk's (Ray needs both: not pinned)
     switch: bool = False  # measured by `measure_switch`: versions published under load, not the usual plan
+    levels: tuple[int, ...] = ()  # /predict's concurrencies, when not those of the sweep (or c=1 and c=32)
     peer: str = ""  # a peer (bench/peers.py): run from its own venv, ready at its first 200 answer to requests[0]
     requests: tuple[Workload, ...] = ()  # its own routes and bodies, in place of `workloads(policy)`
 
@@ -265,7 +266,15 @@ def configurations() -> list[Config]:
         ),
         Config("ray", ours, "mouse_ray", RAY_ENV, note="ours, backend ray: 1 replica, batching (max_batch_size 64)", pinned=False),
         Config("ray-no-batching", ours, "mouse_ray_nobatch", RAY_ENV, note="ours, backend ray, max_batch_size 1", pinned=False),
-        Config("ray-2-replicas", ours, "mouse_ray_2", RAY_ENV, note="ours, backend ray, 2 replicas (one per core)", pinned=False),
+        Config(
+            "ray-2-replicas",
+            ours,
+            "mouse_ray_2",
+            RAY_ENV,
+            note="ours, backend ray, 2 replicas (one per core)",
+            pinned=False,
+            levels=(1, 32, 64),  # against `ray` at c=64
+        ),
         Config(
             "switch-under-load",
             ours,
@@ -583,6 +592,8 @@ def _check_answered_by(url: str, workload: Workload, version: str) -> None:
 
 
 def levels_of(config: Config, concurrencies: tuple[int, ...]) -> tuple[int, ...]:
+    if config.levels:
+        return config.levels
     return concurrencies if config.name in SWEPT else (1, 32)
 
 
