@@ -662,9 +662,10 @@ PEER_METHOD = f"""\
 Each peer serves the same model (the default example as TorchScript, one torch thread, an action
 sampled from the softmax and its probability, as `reference` does) from its own venv, made by the
 harness from `bench/peers/<peer>/requirements.txt`, in its framework's documented fastest CPU
-configuration (each folder's README says which and why). The one-core peers run pinned beside ours
-on the server core, in the same interleaved rounds; Ray Serve, like our `ray` rows, has both cores
-and runs alone. Same workloads: /predict at c=1 and c=32, {BATCH_ROWS} observations per request at c=1,
+configuration (each folder's README says which and why). The one-core peers run pinned on the
+server core as ours do, each alone (started after the servers before it stopped: an idle LitServe
+worker polls its queue, ~8 % of a core, which would slow whichever server the core is measuring);
+Ray Serve, like our `ray` rows, has both cores. Same workloads: /predict at c=1 and c=32, {BATCH_ROWS} observations per request at c=1,
 each the median of {ROUNDS} rounds; where a framework dictates its request shape (BentoML's batchable
 list, KServe V1, Triton's Open Inference Protocol), the same observations go in its shape. RSS is the
 whole process tree's, at its highest; first answer is from process start to the first 200 answer of
@@ -958,8 +959,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="policy-bench-") as scratch:
         folders = prepare_policies(Path(scratch) / "policies")
         measured, runs = available(configs, folders, Path(scratch))
-        # The one-core servers side by side, interleaved; each Ray server alone (they need both cores).
-        groups = [[c for c in measured if c.pinned and not c.switch]] + [[c] for c in measured if not c.pinned and not c.switch]
+        # Our one-core servers and the baselines side by side, interleaved; each peer and each Ray
+        # server alone (Ray needs both cores; an idle LitServe worker polls its queue, which would
+        # slow whichever server the same core is measuring).
+        ours = [c for c in measured if c.pinned and not c.switch and not c.peer]
+        groups = [ours] + [[c] for c in measured if (c.peer or not c.pinned) and not c.switch]
         for group in filter(None, groups):
             runs += measure(group, folders, args.duration, Path(scratch), concurrencies)
         for config in measured:
