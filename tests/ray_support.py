@@ -11,6 +11,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -104,3 +105,16 @@ def _running(process: psutil.Process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def post_until_stopped(
+    url: str, path: str, body: object, headers: dict[str, str], stop: threading.Event, outcomes: list[int | str]
+) -> None:
+    """POST `body` to `path` in a loop on one connection until `stop`: each status, or the
+    transport error's repr, appended to `outcomes` (for a thread of load during a kill)."""
+    with httpx.Client(base_url=url, timeout=90.0) as client:
+        while not stop.is_set():
+            try:
+                outcomes.append(client.post(path, json=body, headers=headers).status_code)
+            except httpx.HTTPError as exc:
+                outcomes.append(repr(exc))

@@ -48,6 +48,7 @@ from ray_support import (
     descendants,
     non_loopback_connections,
     policy_copy,
+    post_until_stopped,
     ray_temp_dir,
     ready_statuses,
     survivors,
@@ -360,20 +361,14 @@ def test_a_killed_replica_loses_no_request(local_ray: str, make_policy_dir: Make
     outcomes: list[int | str] = []
     stop = threading.Event()
 
-    def light_load(url: str) -> None:
-        with httpx.Client(base_url=url, timeout=90.0) as client:
-            while not stop.is_set():
-                try:
-                    outcomes.append(client.post("/predict_batch", json=batch, headers=AUTH).status_code)
-                except httpx.HTTPError as exc:
-                    outcomes.append(repr(exc))
-
     with running_server(uvicorn_command(port), port, cwd=folder, env=env, ready_path="/health") as server:
         ready_statuses(server.url)
         (victim_pid,) = _replica_pids(server.url)
         victim = psutil.Process(victim_pid)
         assert victim in descendants(os.getpid())  # the module's Ray runs it: ours to kill
-        loads = [threading.Thread(target=light_load, args=(server.url,)) for _ in range(3)]
+        loads = [
+            threading.Thread(target=post_until_stopped, args=(server.url, "/predict_batch", batch, AUTH, stop, outcomes)) for _ in range(3)
+        ]
         for load in loads:
             load.start()
         try:
@@ -463,20 +458,15 @@ def test_a_replica_killed_with_a_coalesced_call_in_flight_loses_no_request(local
     outcomes: list[int | str] = []
     stop = threading.Event()
 
-    def client(url: str) -> None:
-        with httpx.Client(base_url=url, timeout=90.0) as session:
-            while not stop.is_set():
-                try:
-                    outcomes.append(session.post("/predict", json=MOUSE_OBSERVATION, headers=AUTH).status_code)
-                except httpx.HTTPError as exc:
-                    outcomes.append(repr(exc))
-
     def resent(log: str) -> list[int]:
         return [int(n) for n in re.findall(r"a replica died with a call of (\d+) request\(s\) in flight", log)]
 
     with running_server(uvicorn_command(port), port, cwd=folder, env=env, ready_path="/health") as server:
         ready_statuses(server.url)
-        clients = [threading.Thread(target=client, args=(server.url,)) for _ in range(16)]
+        clients = [
+            threading.Thread(target=post_until_stopped, args=(server.url, "/predict", MOUSE_OBSERVATION, AUTH, stop, outcomes))
+            for _ in range(16)
+        ]
         for thread in clients:
             thread.start()
         try:

@@ -86,10 +86,10 @@ class PredictionRoute(GuardedRoute):
             await self.fastapi_app(scope, receive, send)  # the body is untouched: FastAPI reads it
             return
         body = await _read_body(receive)
-        rows = self.rows_route[0](body) if self.rows_route is not None else None
-        if rows is not None:
-            assert self.rows_route is not None
-            answering = self.rows_route[1](rows, seed)
+        read_rows, answer_rows = self.rows_route or (None, None)
+        rows = read_rows(body) if read_rows is not None else None
+        if rows is not None and answer_rows is not None:
+            answering = answer_rows(rows, seed)
         else:
             try:
                 validated = self.validate(body)
