@@ -86,6 +86,17 @@ class Serving:
 
 
 @dataclass(frozen=True)
+class Experience:
+    """Where and how the policy's decisions are logged (policy_server/experience/)."""
+
+    dir: Path  # absolute: a relative `dir` is read from the schema's folder
+    flush_s: float = 1.0  # at most this much of what was accepted is lost to a SIGKILL
+    rotate_mb: float = 64.0  # a Parquet file is closed at this size...
+    rotate_minutes: float = 60.0  # ...or this age, and the next one begun
+    max_pending_rows: int = 200_000  # rows not yet on disk beyond which episodes get 503s
+
+
+@dataclass(frozen=True)
 class PolicySpec:
     """A parsed, validated schema.yaml."""
 
@@ -100,6 +111,7 @@ class PolicySpec:
     action_mask: str | None = None
     model_path: Path | None = None  # None: the model file found in models/
     serving: Serving = Serving()
+    experience: Experience | None = None  # None: not logged (unless POLICY_SERVER_EXPERIENCE_DIR)
 
     @property
     def input_size(self) -> int | None:
@@ -170,7 +182,7 @@ def parse_spec(data: bytes, path: Path) -> PolicySpec:
         raise ConfigError(path, "file", f"is not UTF-8 text (byte {exc.start})", "save it as UTF-8") from None
     document = _read_yaml(text, path)
     reader = _Reader(path)
-    reader.known_keys(document, "", ("name", "parameters", "observations", "actions", "action_mask", "model", "serving"))
+    reader.known_keys(document, "", ("name", "parameters", "observations", "actions", "action_mask", "model", "serving", "experience"))
     parameters = reader.mapping(document.get("parameters"), "parameters", required=True)
     reader.known_keys(parameters, "parameters", ("discrete", "tuple", "api_key", "url_path"))
     if "discrete" not in parameters:
@@ -193,6 +205,7 @@ def parse_spec(data: bytes, path: Path) -> PolicySpec:
         action_mask=_action_mask(reader, document, observations, discrete),
         model_path=_model_path(reader, document.get("model")),
         serving=_serving(reader, document.get("serving")),
+        experience=_experience(reader, document.get("experience"), path),
     )
     _check_mask_length(spec)
     return spec
@@ -571,6 +584,27 @@ def _serving(reader: _Reader, raw: Any) -> Serving:
         num_gpus=num_gpus,
         version=_pinned_version(reader, section.get("version")),
     )
+
+
+_EXPERIENCE_NUMBERS = (("flush_s", "flush_seconds"), ("rotate_mb", "rotate_mb"), ("rotate_minutes", "rotate_minutes"))
+
+
+def _experience(reader: _Reader, raw: Any, path: Path) -> Experience | None:
+    if raw is None:
+        return None
+    section = reader.mapping(raw, "experience")
+    reader.known_keys(section, "experience", ("dir", *(key for _, key in _EXPERIENCE_NUMBERS), "max_pending_rows"))
+    if section.get("dir") is None:
+        raise reader.fail("experience.dir", "is missing", "name the directory the log goes to, e.g. 'experience: {dir: experience}'")
+    defaults = Experience(Path())
+    numbers = {}
+    for name, key in _EXPERIENCE_NUMBERS:
+        numbers[name] = reader.number(section.get(key, getattr(defaults, name)), f"experience.{key}")
+        if not 0 < numbers[name] < float("inf"):
+            raise reader.fail(f"experience.{key}", "must be a positive number", f"write e.g. '{key}: {getattr(defaults, name)}'")
+    pending = reader.count(section.get("max_pending_rows", defaults.max_pending_rows), "experience.max_pending_rows", smallest=1)
+    directory = path.resolve().parent / reader.text(section["dir"], "experience.dir")
+    return Experience(directory, max_pending_rows=pending, **numbers)
 
 
 def _pinned_version(reader: _Reader, raw: Any) -> str | None:
