@@ -13,12 +13,13 @@ from typing import Annotated, Any
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, GetJsonSchemaHandler, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, GetJsonSchemaHandler, StringConstraints, create_model
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 from typing_extensions import TypedDict
 
 from policy_server.errors import InputError
+from policy_server.experience.episodes import ID_PATTERN, ID_RULE
 from policy_server.schema import DiscreteHead, ObservationField, PolicySpec
 
 _PYTHON_TYPES: dict[str, type] = {"int": int, "float": float, "bool": bool}
@@ -146,11 +147,19 @@ def example_observation(spec: PolicySpec) -> dict[str, Any]:
     return {obs.name: example_value(obs) for obs in spec.observations or ()}
 
 
+_ID = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+
+
 def batch_model(observation: Any, prefix: str = "") -> type[BaseModel]:
     return create_model(
         f"{prefix}ObservationBatch",
         __config__=ConfigDict(strict=True),
         observations=(list[observation], Field(description="Observations, one per agent; answered in the same order.")),  # type: ignore[valid-type]
+        episode_ids=(
+            list[_ID] | None,
+            Field(None, description=f"The episode of each observation, to log them as steps ({ID_RULE}); or ?episode_id= for all."),
+        ),
+        agent_ids=(list[_ID] | None, Field(None, description="The agent of each observation, when several share an episode.")),
     )
 
 
@@ -270,11 +279,12 @@ class PlainBatchReader:
     def rows(self, body: bytes) -> np.ndarray | None:
         """The float32 rows, in schema order; None if the body is not plainly valid (or empty)."""
         try:
-            observations = orjson.loads(body)["observations"]
+            document = orjson.loads(body)
+            observations = document["observations"]
             values = list(map(self._values_of, observations))
         except (orjson.JSONDecodeError, KeyError, TypeError):  # not JSON, a field or "observations" missing, not objects
             return None
-        if type(observations) is not list or not values:
+        if type(observations) is not list or not values or len(document) != 1:  # episode ids: the model reads them
             return None
         flat = list(chain.from_iterable(values))
         if not set(map(type, flat)) <= self._NUMBER_TYPES:  # bools, strings, nulls, lists: the model says which

@@ -52,6 +52,12 @@ class Decisions:
     actions: list[list[Any]]  # per row: one int per discrete head, all values of each continuous head
     probabilities: list[float | None]
     version: str = "1"  # of the policy that decided: the answer's X-Policy-Version
+    # [rows, heads], for the experience log: each head's probability of its action (NaN for a
+    # continuous head: a density is no probability) and log-probability (a continuous head's
+    # density at the value before clipping to its bounds, as policy-gradient methods count it;
+    # NaN without a std). Arrays, so the answer does not pay for them in Python objects.
+    head_probabilities: np.ndarray | None = None
+    head_log_probabilities: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -253,21 +259,34 @@ def sample_gaussian(mean: np.ndarray, std: np.ndarray, rng: random.Random) -> np
 
 
 def _decide(parameters: list[HeadParameters], batch: int, rng: random.Random | None, version: str) -> Decisions:
-    """Actions per head (sampled with `rng`, else the most likely) and their joint probability."""
+    """Actions per head (sampled with `rng`, else the most likely), their joint probability, and
+    each head's probability and log-probability of its action."""
     columns: list[np.ndarray] = []
-    joint = np.ones(batch)
-    for p in parameters:
+    head_probabilities = np.full((batch, len(parameters)), np.nan)
+    head_log_probabilities = np.full((batch, len(parameters)), np.nan)
+    for index, p in enumerate(parameters):
         if p.probabilities is not None:
             chosen = sample_discrete(p.probabilities, rng) if rng is not None else p.probabilities.argmax(axis=1)
-            joint *= p.probabilities[np.arange(batch), chosen]
+            head_probabilities[:, index] = p.probabilities[np.arange(batch), chosen]
+            with np.errstate(divide="ignore"):  # a certain action of probability 0 cannot be chosen; log(0) is -inf
+                head_log_probabilities[:, index] = np.log(head_probabilities[:, index])
             columns.append(chosen[:, None])
         else:
             assert p.mean is not None and isinstance(p.head, ContinuousHead)
             values = p.mean if rng is None or p.std is None else sample_gaussian(p.mean, p.std, rng)
+            if p.std is not None:
+                head_log_probabilities[:, index] = gaussian_log_density(values, p.mean, p.std)
             columns.append(_clip(values, p.head))
     actions = np.concatenate(columns, axis=1).tolist()
     discrete = parameters[0].probabilities is not None
-    return Decisions(actions=actions, probabilities=joint.tolist() if discrete else [None] * batch, version=version)
+    joint = head_probabilities.prod(axis=1).tolist() if discrete else [None] * batch
+    return Decisions(actions, joint, version, head_probabilities, head_log_probabilities)
+
+
+def gaussian_log_density(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Per row, the log-density of `values` under independent normals (summed over the columns)."""
+    z = (values - mean) / std
+    return (-0.5 * z * z - np.log(std) - 0.5 * np.log(2 * np.pi)).sum(axis=1)
 
 
 def _clip(values: np.ndarray, head: ContinuousHead) -> np.ndarray:

@@ -17,11 +17,13 @@ starts a new one.
 
 import pyarrow as pa
 
+from policy_server.experience.episodes import SINGLE_AGENT
 from policy_server.schema import ObservationField, PolicySpec
+
+__all__ = ["OUTCOMES", "OUTCOME_SCHEMA", "SINGLE_AGENT", "STEPS", "has_fields", "step_schema"]
 
 STEPS = "steps"
 OUTCOMES = "outcomes"
-SINGLE_AGENT = ""  # the agent_id of an episode whose requests name no agent
 
 _TIME = pa.timestamp("us", tz="UTC")
 _SCALARS = {"int": pa.int64(), "float": pa.float32(), "bool": pa.bool_()}
@@ -44,7 +46,7 @@ OUTCOME_SCHEMA = pa.schema(
 
 def step_schema(spec: PolicySpec) -> pa.Schema:
     """The steps table of a policy version: fixed columns, then `fields` (the observation's named
-    values, typed as the schema types them) when the schema names observations."""
+    values, typed as the schema types them) when the schema names observations of fixed widths."""
     columns = [
         pa.field("episode_id", pa.string(), nullable=False),
         pa.field("agent_id", pa.string(), nullable=False),
@@ -60,9 +62,14 @@ def step_schema(spec: PolicySpec) -> pa.Schema:
         pa.field("deterministic", pa.bool_(), nullable=False),  # the most likely action, not a sample
         pa.field("process", pa.string(), nullable=False),  # host:pid of the API process that served it
     ]
-    if spec.observations:
+    if has_fields(spec):
         columns.append(pa.field("fields", pa.struct([_field_type(obs) for obs in spec.observations]), nullable=False))
     return pa.schema(columns)
+
+
+def has_fields(spec: PolicySpec) -> bool:
+    """Whether each observation sits at a fixed place in the row (no list of varying length)."""
+    return bool(spec.observations) and spec.input_size is not None
 
 
 def _field_type(obs: ObservationField) -> pa.Field:

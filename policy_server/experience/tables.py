@@ -1,0 +1,117 @@
+"""Pieces (what one request adds to the log, made on the event loop in microseconds) and the
+Arrow tables the writer's thread builds of many of them at once, in records.py's layout."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from policy_server.experience.records import OUTCOME_SCHEMA, has_fields, step_schema
+from policy_server.schema import PolicySpec
+
+
+@dataclass(frozen=True)
+class StepPiece:
+    """One request's decisions: its rows and what was answered, with each row's ids and step."""
+
+    episode_ids: list[str]
+    agent_ids: list[str]
+    steps: list[int]
+    time_us: int
+    rows: np.ndarray  # [n, input width] float32
+    actions: list[list[float]]
+    head_probabilities: np.ndarray  # [n, heads], NaN where none
+    head_log_probabilities: np.ndarray
+    deterministic: bool
+
+
+@dataclass(frozen=True)
+class OutcomePiece:
+    episode_id: str
+    agent_id: str
+    time_us: int
+    version: str | None
+    step: int | None
+    reward: float
+    terminated: bool
+    truncated: bool
+    final_observation: list[float] | None
+    info: str | None
+
+
+class StepTable:
+    """Builds a policy version's steps table: the schema's named fields read back off the rows."""
+
+    def __init__(self, spec: PolicySpec, process: str) -> None:
+        self.schema = step_schema(spec)
+        self.process = process
+        self._fields = _field_columns(spec) if has_fields(spec) else None
+        mask = spec.columns_of(spec.action_mask) if spec.action_mask else None
+        self._mask = mask
+
+    def __call__(self, pieces: Sequence[StepPiece]) -> pa.Table:
+        rows = np.concatenate([piece.rows for piece in pieces]).astype(np.float32, copy=False)
+        n = len(rows)
+        head_p = np.concatenate([piece.head_probabilities for piece in pieces])
+        head_logp = np.concatenate([piece.head_log_probabilities for piece in pieces])
+        actions = np.array([action for piece in pieces for action in piece.actions], dtype=np.float64).reshape(n, -1)
+        times = np.concatenate([np.full(len(piece.rows), piece.time_us, dtype=np.int64) for piece in pieces])
+        deterministic = np.concatenate([np.full(len(piece.rows), piece.deterministic) for piece in pieces])
+        columns = {
+            "episode_id": pa.array([e for piece in pieces for e in piece.episode_ids], pa.string()),
+            "agent_id": pa.array([a for piece in pieces for a in piece.agent_ids], pa.string()),
+            "step": pa.array(np.array([s for piece in pieces for s in piece.steps], dtype=np.int64)),
+            "time": pa.array(times, pa.timestamp("us", tz="UTC")),
+            "observation": _lists(rows),
+            "actions": _lists(actions),
+            "probability": _nullable(np.prod(head_p, axis=1)),
+            "log_probability": _nullable(np.sum(head_logp, axis=1)),
+            "head_probabilities": _lists(head_p),
+            "head_log_probabilities": _lists(head_logp),
+            "mask": pa.nulls(n, pa.list_(pa.bool_())) if self._mask is None else _lists(rows[:, self._mask] > 0.5),
+            "deterministic": pa.array(deterministic),
+            "process": pa.array(np.full(n, self.process, dtype=object), pa.string()),
+        }
+        if self._fields is not None:
+            columns["fields"] = self._named(rows)
+        return pa.table(columns, schema=self.schema)
+
+    def _named(self, rows: np.ndarray) -> pa.StructArray:
+        struct = self.schema.field("fields").type
+        arrays = [_typed(rows[:, columns], kind, is_list) for columns, kind, is_list in self._fields or ()]
+        return pa.StructArray.from_arrays(arrays, fields=list(struct))
+
+
+def outcomes_table(pieces: Sequence[OutcomePiece]) -> pa.Table:
+    return pa.Table.from_pylist([piece.__dict__ | {"time": piece.time_us} for piece in pieces], schema=_OUTCOME_INPUT).cast(OUTCOME_SCHEMA)
+
+
+# from_pylist reads `time` as microseconds since the epoch; the cast makes it a UTC timestamp
+_OUTCOME_INPUT = pa.schema([pa.field("time", pa.int64()) if f.name == "time" else f for f in OUTCOME_SCHEMA])
+
+
+def _field_columns(spec: PolicySpec) -> list[tuple[slice, str, bool]]:
+    columns = []
+    start = 0
+    for obs in spec.observations or ():
+        width = obs.width or 0
+        columns.append((slice(start, start + width), obs.kind, obs.is_list))
+        start += width
+    return columns
+
+
+def _typed(values: np.ndarray, kind: str, is_list: bool) -> pa.Array:
+    typed = values > 0.5 if kind == "bool" else values.astype(np.int64) if kind == "int" else values
+    return _lists(typed) if is_list else pa.array(typed[:, 0])
+
+
+def _lists(matrix: np.ndarray) -> pa.ListArray:
+    """A [n, width] matrix as a list column (NaN floats as nulls)."""
+    n, width = matrix.shape
+    offsets = pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, _nullable(matrix.reshape(-1)))
+
+
+def _nullable(values: np.ndarray) -> pa.Array:
+    return pa.array(values, from_pandas=values.dtype.kind == "f")
