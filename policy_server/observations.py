@@ -257,6 +257,7 @@ class PlainBatchReader:
     """
 
     _NUMBER_TYPES = frozenset({int, float})
+    _EPISODE_KEYS = frozenset({"episode_ids", "agent_ids"})
 
     def __init__(self, fields: Sequence[ObservationField]) -> None:
         names = [obs.name for obs in fields]
@@ -284,8 +285,8 @@ class PlainBatchReader:
             values = list(map(self._values_of, observations))
         except (orjson.JSONDecodeError, KeyError, TypeError):  # not JSON, a field or "observations" missing, not objects
             return None
-        if type(observations) is not list or not values or len(document) != 1:  # episode ids: the model reads them
-            return None
+        if type(observations) is not list or not values or not self._EPISODE_KEYS.isdisjoint(document):
+            return None  # (episode ids: the model reads them)
         flat = list(chain.from_iterable(values))
         if not set(map(type, flat)) <= self._NUMBER_TYPES:  # bools, strings, nulls, lists: the model says which
             return None

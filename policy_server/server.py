@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from policy_server.errors import ConfigError
 from policy_server.executors import Executor
 from policy_server.executors.local import LocalExecutor
+from policy_server.experience.logs import ExperienceLogs
 from policy_server.lifecycle import ExecutorFactory, Registry
 from policy_server.loading import ModelVersion, load_version
 from policy_server.metrics import Metrics, PolicyMetrics
@@ -41,6 +42,7 @@ def build_app(settings: Settings) -> FastAPI:
         metrics=metrics,
         sdks=SDKOptions(settings.sdk_cache_dir, settings.sdks_in_background),
         watch_every_s=settings.watch_every_s,
+        experience=ExperienceLogs(settings.experience_dir),
     )
 
 

@@ -22,6 +22,7 @@ from policy_server import __version__
 from policy_server.docs import add_offline_docs
 from policy_server.drain import Drain, DrainMiddleware
 from policy_server.errors import ConfigError
+from policy_server.experience.logs import ExperienceLogs
 from policy_server.http.admin import admin_router
 from policy_server.http.context import Limits, SDKOptions, ServerContext
 from policy_server.http.errors import install_error_handlers
@@ -48,16 +49,18 @@ def create_app(
     metrics: Metrics | None = None,
     sdks: SDKOptions | None = None,
     watch_every_s: float | None = None,
+    experience: ExperienceLogs | None = None,
 ) -> FastAPI:
     """The whole HTTP surface of the registry's policies (loaded already, started in the lifespan).
 
     `auth_on=False` serves without keys (logged); `api_key` is the key of policies whose schema
     names none; `admin_key=None` closes the operator routes; `metrics=None` serves no /metrics;
-    `sdks=None` serves no /clients; `watch_every_s=None` does not watch the repository."""
+    `sdks=None` serves no /clients; `watch_every_s=None` does not watch the repository;
+    `experience` logs what schemas ask for (by default) or every policy (with an override dir)."""
     for secret in (api_key, admin_key, *(served.spec.api_key for served in registry.policies.values())):
         if secret:
             register_secret(secret)
-    server = ServerContext(registry, Drain(limits.drain_timeout_s), auth_on, sdks, admin_key)
+    server = ServerContext(registry, Drain(limits.drain_timeout_s), auth_on, sdks, admin_key, experience or ExperienceLogs())
     default = registry.default
     title = f"{default.name} policy" if default is not None else "Policy server"
     app = FastAPI(
@@ -128,6 +131,7 @@ def _lifespan(server: ServerContext, metrics: Metrics | None, watch_every_s: flo
             await sdks.stop()
         await asyncio.wait([starting])  # a start in the background ends before the executors stop
         await registry.stop()
+        await asyncio.to_thread(server.experience.close)  # every step accepted goes to disk
 
     return lifespan
 

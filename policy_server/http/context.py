@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from policy_server.drain import Drain
+from policy_server.experience.logs import ExperienceLogs
 from policy_server.lifecycle import Registry
 
 
@@ -29,4 +30,5 @@ class ServerContext:
     auth_on: bool
     sdks: SDKOptions | None
     admin_key: str | None = field(default=None, repr=False)
+    experience: ExperienceLogs = field(default_factory=ExperienceLogs)
     started: float = field(default_factory=time.time)

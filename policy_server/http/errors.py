@@ -21,6 +21,7 @@ from starlette.types import Send
 
 from policy_server.admission import Overloaded
 from policy_server.errors import InputError, PolicyFailure
+from policy_server.experience.errors import EpisodeError, ExperienceUnavailable
 from policy_server.json_io import json_response
 from policy_server.redaction import redact
 
@@ -35,13 +36,20 @@ def detail_response(status_code: int, detail: Any, headers: Mapping[str, str] | 
     return json_response({"detail": detail}, status_code=status_code, headers=dict(headers) if headers else None)
 
 
-def policy_error_response(exc: InputError | PolicyFailure | Overloaded) -> Response:
-    """422 for an input the policy cannot answer (an all-masked head), 503 when the queue is full,
-    500 for a policy failure."""
+PolicyError = InputError | PolicyFailure | Overloaded | EpisodeError | ExperienceUnavailable
+POLICY_ERRORS = (InputError, PolicyFailure, Overloaded, EpisodeError, ExperienceUnavailable)
+
+
+def policy_error_response(exc: PolicyError) -> Response:
+    """422 for an input the policy cannot answer (an all-masked head), 503 when the queue is full
+    or the experience log cannot keep up, 404/409 for an outcome of no (or an ended) episode, 500
+    for a policy failure."""
     if isinstance(exc, InputError):
         return detail_response(422, exc.as_detail())
-    if isinstance(exc, Overloaded):
+    if isinstance(exc, Overloaded | ExperienceUnavailable):
         return detail_response(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, EpisodeError):
+        return detail_response(exc.status, str(exc))
     return detail_response(500, f"The policy failed on this request; the server log has the details under error id {exc.error_id}.")
 
 
@@ -61,13 +69,13 @@ async def send_error(send: Send, status: int, detail: Any, headers: Mapping[str,
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
-    for policy_error in (InputError, PolicyFailure, Overloaded):
+    for policy_error in POLICY_ERRORS:
         app.add_exception_handler(policy_error, _policy_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)
 
 
-async def _policy_error(request: Request, exc: InputError | PolicyFailure | Overloaded) -> Response:
+async def _policy_error(request: Request, exc: PolicyError) -> Response:
     return policy_error_response(exc)
 
 

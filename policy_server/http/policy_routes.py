@@ -17,8 +17,11 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from policy_server import __version__
+from policy_server.experience.episodes import AgentRef
 from policy_server.http.context import ServerContext
+from policy_server.http.episodes import AgentId, EpisodeId, batch_agents, one_agent
 from policy_server.http.errors import ErrorDetail
+from policy_server.http.experience_routes import Decider, add_experience_routes, add_logging_off_routes
 from policy_server.http.keys import KeyCheck
 from policy_server.http.routes import GuardedRoute, PredictionRoute
 from policy_server.json_io import json_response
@@ -35,7 +38,7 @@ from policy_server.observations import (
     raw_observation_model,
     raw_rows,
 )
-from policy_server.policy import Decisions, Distributions, Kind, Task
+from policy_server.policy import Distributions, Kind, Task
 
 Seed = Annotated[
     int | None,
@@ -76,10 +79,15 @@ def policy_routers(served: ServedPolicy, api_key: str | None, place: Placement, 
         guard = {"dependencies": [Depends(KeyCheck(api_key))], "responses": AUTH_ERRORS}
     tag = "policy" if not place.prefix else f"policy {served.name}"
     predictions = APIRouter(prefix=place.prefix, tags=[tag], route_class=PredictionRoute, **guard)
-    _add_raw_route(predictions, served, place)
+    decider = Decider(served, server.experience.for_policy(served.spec))
+    _add_raw_route(predictions, decider, place)
     if served.spec.observations is not None:
-        _add_observation_routes(predictions, served, place)
+        _add_observation_routes(predictions, decider, place)
     service = APIRouter(prefix=place.prefix, tags=["service" if not place.prefix else tag], route_class=GuardedRoute, **guard)
+    if decider.log is not None:
+        add_experience_routes(predictions, decider, place)
+    else:
+        add_logging_off_routes(service, served)
     _add_description_routes(service, served, place, server)
     return [predictions, service]
 
@@ -88,16 +96,8 @@ def _headers(served: ServedPolicy, version: str) -> dict[str, str]:
     return {"X-Policy-Name": served.name, "X-Policy-Version": version}
 
 
-def _decision(decisions: Decisions, row: int) -> dict[str, Any]:
-    return {"actions": decisions.actions[row], "probability": decisions.probabilities[row]}
-
-
-def _count(served: ServedPolicy, decisions: Decisions) -> None:
-    if served.metrics is not None:
-        served.metrics.count_actions(decisions.actions, decisions.version)
-
-
-def _add_observation_routes(router: APIRouter, served: ServedPolicy, place: Placement) -> None:
+def _add_observation_routes(router: APIRouter, decider: Decider, place: Placement) -> None:
+    served = decider.served
     spec = served.spec
     Observation = observation_model(spec, place.model_prefix)
     Decision = decision_model(spec, place.model_prefix)
@@ -105,14 +105,7 @@ def _add_observation_routes(router: APIRouter, served: ServedPolicy, place: Plac
     encoder = RowEncoder(spec)
     example = example_observation(spec)
 
-    def observation_route(path: str, kind: Kind, response_model: type[BaseModel], summary: str) -> None:
-        async def endpoint(observation: Observation, seed: Seed = None) -> Response:  # type: ignore[valid-type]
-            result = await served.admission.run(Task(encoder.encode([observation]), kind, seed))
-            if isinstance(result, Distributions):
-                return json_response({"heads": result.rows[0]}, headers=_headers(served, result.version))
-            _count(served, result)
-            return json_response(_decision(result, 0), headers=_headers(served, result.version))
-
+    def add_route(path: str, endpoint: Any, response_model: type[BaseModel], summary: str) -> None:
         router.add_api_route(
             path,
             endpoint,
@@ -123,15 +116,32 @@ def _add_observation_routes(router: APIRouter, served: ServedPolicy, place: Plac
             openapi_extra={"requestBody": {"content": {"application/json": {"example": example}}}},
         )
 
-    observation_route("/predict", Kind.SAMPLE, Decision, "Sample an action from the policy")
-    observation_route("/predict_deterministic", Kind.DETERMINISTIC, Decision, "The most likely action (continuous: the mean)")
-    observation_route("/distribution", Kind.DISTRIBUTION, Distribution, "Every head's probabilities (continuous: mean and std)")
+    def decision_route(path: str, kind: Kind, summary: str) -> None:
+        async def decide(observation: Observation, seed: Seed = None, episode_id: EpisodeId = None, agent_id: AgentId = None) -> Response:  # type: ignore[valid-type]
+            return await decider.answer_one(encoder.encode([observation]), kind, seed, one_agent(episode_id, agent_id))
 
-    async def answer_rows(rows: np.ndarray, seed: int | None, deterministic: bool = False) -> Response:
+        add_route(path, decide, Decision, summary)
+
+    async def distribution(observation: Observation, seed: Seed = None) -> Response:  # type: ignore[valid-type]
+        result = await served.admission.run(Task(encoder.encode([observation]), Kind.DISTRIBUTION, seed))
+        assert isinstance(result, Distributions)
+        return json_response({"heads": result.rows[0]}, headers=_headers(served, result.version))
+
+    decision_route("/predict", Kind.SAMPLE, "Sample an action from the policy")
+    decision_route("/predict_deterministic", Kind.DETERMINISTIC, "The most likely action (continuous: the mean)")
+    add_route("/distribution", distribution, Distribution, "Every head's probabilities (continuous: mean and std)")
+
+    async def answer_rows(
+        rows: np.ndarray,
+        seed: int | None = None,
+        deterministic: bool = False,
+        episode_id: str | None = None,
+        refs: list[AgentRef] | None = None,
+    ) -> Response:
         kind = Kind.DETERMINISTIC if deterministic else Kind.SAMPLE
-        decisions = await served.admission.run(Task(rows, kind, seed))
-        assert isinstance(decisions, Decisions)
-        _count(served, decisions)
+        if refs is None:
+            refs = batch_agents(len(rows), episode_id, None, None)
+        decisions, _ = await decider.decide(rows, kind, seed, refs)
         results = [{"actions": a, "probability": p} for a, p in zip(decisions.actions, decisions.probabilities, strict=True)]
         return json_response({"results": results}, headers=_headers(served, decisions.version))
 
@@ -139,10 +149,12 @@ def _add_observation_routes(router: APIRouter, served: ServedPolicy, place: Plac
         batch: ObservationBatch,  # type: ignore[valid-type]
         seed: Seed = None,
         deterministic: Annotated[bool, Query(description="The most likely actions instead of samples.")] = False,
+        episode_id: EpisodeId = None,
     ) -> Response:
+        refs = batch_agents(len(batch.observations), episode_id, batch.episode_ids, batch.agent_ids)
         if not batch.observations:
             return json_response({"results": []}, headers={"X-Policy-Name": served.name})
-        return await answer_rows(encoder.encode(batch.observations), seed, deterministic)
+        return await answer_rows(encoder.encode(batch.observations), seed, deterministic, refs=refs)
 
     router.add_api_route(
         "/predict_batch",
@@ -159,15 +171,13 @@ def _add_observation_routes(router: APIRouter, served: ServedPolicy, place: Plac
         batch_route.read_rows_with(reader.rows, answer_rows)
 
 
-def _add_raw_route(router: APIRouter, served: ServedPolicy, place: Placement) -> None:
+def _add_raw_route(router: APIRouter, decider: Decider, place: Placement) -> None:
+    served = decider.served
     input_size = served.executor.describe().get("input_size")  # local: the model's, known before start; ray: the schema's
     RawBody = raw_observation_model(served.spec, input_size, place.model_prefix)
 
-    async def predict_raw(body: RawBody, seed: Seed = None) -> Response:  # type: ignore[valid-type]
-        decisions = await served.admission.run(Task(raw_rows(body), Kind.SAMPLE, seed))
-        assert isinstance(decisions, Decisions)
-        _count(served, decisions)
-        return json_response(_decision(decisions, 0), headers=_headers(served, decisions.version))
+    async def predict_raw(body: RawBody, seed: Seed = None, episode_id: EpisodeId = None, agent_id: AgentId = None) -> Response:  # type: ignore[valid-type]
+        return await decider.answer_one(raw_rows(body), Kind.SAMPLE, seed, one_agent(episode_id, agent_id))
 
     router.add_api_route(
         "/predict_raw",
@@ -197,7 +207,9 @@ def _add_description_routes(router: APIRouter, served: ServedPolicy, place: Plac
             "ready": executor.ready,
         }
         queue = {"max_queue": admission.limit, "queued": admission.admitted, "shed": admission.shed, "draining": server.drain.draining}
-        return json_response(policy | details | queue | {"uptime_seconds": round(time.time() - server.started, 3)})
+        log = server.experience.for_policy(served.spec)
+        experience = {"experience": None if log is None else log.describe()}
+        return json_response(policy | details | queue | experience | {"uptime_seconds": round(time.time() - server.started, 3)})
 
     router.add_api_route(
         "/schema", schema, methods=["GET"], operation_id=place.operation_id("schema"), summary="The schema, without the api key"

@@ -6,8 +6,9 @@ hands the request to FastAPI's own handler (parsing JSON with orjson, `OrjsonRou
 `PredictionRoute` adds the fast path. For a one-observation /predict, FastAPI's dependency
 solving and body handling cost more than the policy itself (figures in bench/RESULTS.md), and
 validating the body with the route's own pydantic validator costs a fraction of that. So when
-everything about a request is plain (a declared Content-Length, a body that validates, and no
-query but `?seed=N`), the route calls its endpoint itself, with the validated body. Anything else
+everything about a request is plain (a declared Content-Length, a body that validates, and a
+query of nothing but the route's own `seed`, `episode_id` and `agent_id`, each once, in plain
+characters), the route calls its endpoint itself, with the validated body. Anything else
 (a body that fails validation, other query parameters) goes to FastAPI's handler, body included,
 so every error is FastAPI's documented answer: one route table, one endpoint per route, errors
 mapped in errors.py. A route may also read plain bodies straight into rows (`read_rows_with`:
@@ -24,16 +25,15 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
-from policy_server.admission import Overloaded
-from policy_server.errors import InputError, PolicyFailure
-from policy_server.http.errors import policy_error_response, send_error
+from policy_server.experience.episodes import is_valid_id
+from policy_server.http.errors import POLICY_ERRORS, policy_error_response, send_error
 from policy_server.http.keys import KeyCheck, key_in
 from policy_server.http.middleware import BodyGuard
 from policy_server.json_io import OrjsonRoute
 
-_PLAIN_SEED = re.compile(rb"seed=(\d{1,20})")
 _MAX_SEED = 2**64 - 1
-_NOT_PLAIN = -1  # seeds are ≥ 0
+_PLAIN_PARAMETERS = ("seed", "episode_id", "agent_id")  # what the fast path reads itself
+_DIGITS = re.compile(r"\d{1,20}")
 
 
 class GuardedRoute(OrjsonRoute):
@@ -63,7 +63,7 @@ class GuardedRoute(OrjsonRoute):
 
 
 RowsReader = Callable[[bytes], np.ndarray | None]  # a body's rows, or None: validate it as usual
-RowsAnswer = Callable[[np.ndarray, int | None], Awaitable[Response]]  # rows and seed → the endpoint's answer
+RowsAnswer = Callable[..., Awaitable[Response]]  # rows and the plain query's parameters → the endpoint's answer
 
 
 class PredictionRoute(GuardedRoute):
@@ -74,6 +74,7 @@ class PredictionRoute(GuardedRoute):
         (body,) = self.dependant.body_params
         self.body_name = body.name
         self.validate = TypeAdapter(body.field_info.annotation).validate_json
+        self.plain_parameters = frozenset(p.name for p in self.dependant.query_params) & set(_PLAIN_PARAMETERS)
         self.rows_route: tuple[RowsReader, RowsAnswer] | None = None
 
     def read_rows_with(self, read: RowsReader, answer: RowsAnswer) -> None:
@@ -81,25 +82,25 @@ class PredictionRoute(GuardedRoute):
         self.rows_route = read, answer
 
     async def answer(self, scope: Scope, receive: Receive, send: Send) -> None:
-        seed = _plain_seed(scope["query_string"])
-        if seed == _NOT_PLAIN or not _declares_length(scope["headers"]):
+        query = _plain_query(scope["query_string"], self.plain_parameters)
+        if query is None or not _declares_length(scope["headers"]):
             await self.fastapi_app(scope, receive, send)  # the body is untouched: FastAPI reads it
             return
         body = await _read_body(receive)
         read_rows, answer_rows = self.rows_route or (None, None)
         rows = read_rows(body) if read_rows is not None else None
         if rows is not None and answer_rows is not None:
-            answering = answer_rows(rows, seed)
+            answering = answer_rows(rows, **query)
         else:
             try:
                 validated = self.validate(body)
             except ValidationError:
                 await self.fastapi_app(scope, _replay(body, receive), send)  # FastAPI's 422, with its details
                 return
-            answering = self.endpoint(**{self.body_name: validated, "seed": seed})
+            answering = self.endpoint(**{self.body_name: validated}, **query)
         try:
             response = await answering
-        except (InputError, PolicyFailure, Overloaded) as exc:
+        except POLICY_ERRORS as exc:
             response = policy_error_response(exc)
         await response(scope, receive, send)
 
@@ -108,14 +109,25 @@ def _declares_length(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(name == b"content-length" for name, _ in headers)
 
 
-def _plain_seed(query: bytes) -> int | None:
-    """None for no query, the seed for exactly `seed=N` in range, _NOT_PLAIN for anything else."""
+def _plain_query(query: bytes, names: frozenset[str]) -> dict[str, Any] | None:
+    """The query's parameters if each is one of `names`, given once, and plainly valid (a seed
+    in range, ids of the allowed characters, nothing to unquote); else None: FastAPI reads it."""
     if not query:
-        return None
-    match = _PLAIN_SEED.fullmatch(query)
-    if match is None or int(match.group(1)) > _MAX_SEED:
-        return _NOT_PLAIN
-    return int(match.group(1))
+        return {}
+    parameters: dict[str, Any] = {}
+    for pair in query.decode("latin-1").split("&"):
+        name, equals, value = pair.partition("=")
+        if not equals or name not in names or name in parameters:
+            return None
+        if name == "seed":
+            if not _DIGITS.fullmatch(value) or int(value) > _MAX_SEED:
+                return None
+            parameters[name] = int(value)
+        elif is_valid_id(value):
+            parameters[name] = value
+        else:
+            return None
+    return parameters
 
 
 async def _read_body(receive: Receive) -> bytes:
