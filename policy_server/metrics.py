@@ -28,6 +28,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self.observations = Observations(deferred=not self.multiprocess)
+        self._collectors: list[Collector] = []
         registry = self.registry
         self.requests = Counter(
             "policy_server_requests",
@@ -185,6 +187,11 @@ class Metrics:
                 "(or use 'python generate.py serve --workers N'), else /metrics shows one worker's counts"
             )
 
+    def add_collector(self, collector: Collector) -> None:
+        """Series read at each scrape from this process's state (with several workers: the one scraped)."""
+        self.registry.register(collector)
+        self._collectors.append(collector)
+
     def for_policy(self, name: str) -> "PolicyMetrics":
         return PolicyMetrics(self, name)
 
@@ -194,6 +201,8 @@ class Metrics:
         if self.multiprocess:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+            for collector in self._collectors:
+                registry.register(collector)
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
 

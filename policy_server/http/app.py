@@ -23,6 +23,7 @@ from policy_server.docs import add_offline_docs
 from policy_server.drain import Drain, DrainMiddleware
 from policy_server.errors import ConfigError
 from policy_server.experience.logs import ExperienceLogs
+from policy_server.experience.metrics import ExperienceCollector
 from policy_server.http.admin import admin_router
 from policy_server.http.context import Limits, SDKOptions, ServerContext
 from policy_server.http.errors import install_error_handlers
@@ -80,6 +81,7 @@ def create_app(
     app.include_router(admin_router(server))
     if metrics is not None:
         app.include_router(metrics_router(metrics))
+        metrics.add_collector(ExperienceCollector(server.experience))
     app.state.routes = table = AppRouteTable(app, server, api_key)
     registry.attach(table)
     install_error_handlers(app)
