@@ -2,7 +2,7 @@
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -42,7 +42,7 @@ class MouseGrid:
     grid moves up, down, left or right towards a cheese; -0.05 a step, +1 on the cheese (the end),
     cut short after `limit` steps."""
 
-    MOVES = {0: (-1, 0), 1: (1, 0), 2: (0, -1), 3: (0, 1)}
+    MOVES: ClassVar[dict[int, tuple[int, int]]] = {0: (-1, 0), 1: (1, 0), 2: (0, -1), 3: (0, 1)}
 
     def __init__(self, mouse: tuple[int, int], cheese: tuple[int, int], limit: int = 12) -> None:
         self.mouse, self.cheese, self.limit, self.steps = mouse, cheese, limit, 0

@@ -28,9 +28,11 @@ BOUND_S = 30.0  # every wait below gives up after this
 @contextmanager
 def serving(folder: Path, env: dict[str, str] | None = None) -> Iterator[tuple[Server, httpx.Client]]:
     port = free_port()
-    with running_server(serve_command(folder, port), port, cwd=folder, env=env) as server:
-        with httpx.Client(base_url=server.url, headers=AUTH, timeout=10.0) as client:
-            yield server, client
+    with (
+        running_server(serve_command(folder, port), port, cwd=folder, env=env) as server,
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=10.0) as client,
+    ):
+        yield server, client
 
 
 @contextmanager
@@ -152,13 +154,11 @@ def test_sigkill_loses_at_most_the_flush_interval_and_leaves_every_file_whole(tm
 
 def _post_until(client: httpx.Client, status: int, episode: str, limit: int = 5_000) -> tuple[httpx.Response, int]:
     """Predict for `episode` until an answer has `status`; that answer, and how many 200s came before."""
-    accepted = 0
-    for _ in range(limit):
+    for accepted in range(limit):
         answer = client.post(f"/predict?episode_id={episode}", json=MOUSE)
         if answer.status_code == status:
             return answer, accepted
         assert answer.status_code == 200, answer.text
-        accepted += 1
     raise AssertionError(f"no {status} in {limit} requests")
 
 
