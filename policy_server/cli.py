@@ -178,8 +178,9 @@ class Commands:
 
         Args:
             directory: the policy folder (default: POLICY_SERVER_DIR, else here)
-            workers: uvicorn worker processes; with more than one, /metrics sums them all, and with
-                backend ray they share one Ray and one Serve application per policy
+            workers: uvicorn worker processes; with more than one, /metrics sums them all, with
+                backend ray they share one Ray and one Serve application per policy, and an
+                experience log's outcomes find their episode whichever worker served it
         """
         import uvicorn
 
@@ -190,6 +191,8 @@ class Commands:
             os.environ["POLICY_SERVER_DIR"] = str(Path(directory).resolve())
         if backend is not None:
             os.environ["POLICY_SERVER_BACKEND"] = backend
+        if workers > 1:
+            os.environ["POLICY_SERVER_WORKERS"] = str(workers)  # the experience logs share their episodes
         if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="policy-server-metrics-")
         raise_descriptor_limit()

@@ -214,3 +214,24 @@ def test_a_log_behind_refuses_episodes_with_retry_after_and_keeps_its_bound(tmp_
         os.kill(server.process.pid, signal.SIGTERM)  # a graceful stop writes what was accepted
         server.process.wait(BOUND_S)
     assert len(read_table(folder / "log", "steps")) == 25
+
+
+def test_with_several_workers_an_outcome_finds_its_episode_whichever_worker_gets_it(tmp_path: Path) -> None:
+    folder = logging_policy("mouse_and_cheese", tmp_path, "{dir: log, flush_seconds: 0.2}")
+    port = free_port()
+    command = [*serve_command(folder, port), "--workers", "2"]
+    fresh = {**AUTH, "Connection": "close"}  # a new connection each: the workers take turns accepting them
+    with running_server(command, port, cwd=folder) as server:
+        for episode in range(40):
+            step = httpx.post(f"{server.url}/predict?episode_id=w{episode}", json=MOUSE, headers=fresh)
+            assert step.status_code == 200
+            reward = {"episode_id": f"w{episode}", "reward": 1.0, "terminated": True}
+            assert httpx.post(f"{server.url}/experience", json=reward, headers=fresh).status_code == 200, "found, whichever worker"
+            again = httpx.post(f"{server.url}/experience", json=reward, headers=fresh)
+            assert again.status_code == 409, "ended, whichever worker ended it"
+        unknown = httpx.post(f"{server.url}/experience", json={"episode_id": "never", "reward": 1.0}, headers=fresh)
+        assert unknown.status_code == 404
+    steps, outcomes = read_table(folder / "log", "steps"), read_table(folder / "log", "outcomes")
+    assert len(steps) == len(outcomes) == 40
+    assert len({row["process"] for row in steps}) == 2, "both workers served steps"
+    assert any(row["step"] is None for row in outcomes), "some outcomes reached the worker that did not serve the step"

@@ -51,7 +51,7 @@ class Decider:
             self.served.metrics.count_actions(decisions.actions, decisions.version)
         if log is None or refs is None:
             return decisions, None
-        return decisions, log.record_steps(self.served.spec, refs, rows, decisions, deterministic=kind is Kind.DETERMINISTIC)
+        return decisions, await log.record_steps(self.served.spec, refs, rows, decisions, deterministic=kind is Kind.DETERMINISTIC)
 
     async def answer_one(self, rows: np.ndarray, kind: Kind, seed: int | None, refs: list[AgentRef] | None) -> Response:
         decisions, steps = await self.decide(rows, kind, seed, refs)
@@ -64,8 +64,10 @@ class Decider:
 class OutcomeAnswer(BaseModel):
     episode_id: str
     agent_id: str = Field(description="Empty for an episode of one agent.")
-    step: int = Field(description="The step rewarded: the agent's last decision in the episode, counted from 0.")
-    version: str = Field(description="The policy version that made that decision.")
+    step: int | None = Field(
+        description="The step rewarded: the agent's last decision in the episode, counted from 0 (null: another API process served it)."
+    )
+    version: str | None = Field(description="The policy version that made that decision (null likewise).")
     ended: bool
 
 
@@ -101,7 +103,7 @@ def add_experience_routes(router: APIRouter, decider: Decider, place: "Placement
         row = None if outcome.observation is None else final_row(outcome.observation)
         info = None if outcome.info is None else orjson.dumps(outcome.info).decode()
         ends = outcome.terminated or outcome.truncated
-        rewarded = log.record_outcome(ref, Outcome(outcome.reward, outcome.terminated, outcome.truncated, row, info))
+        rewarded = await log.record_outcome(ref, Outcome(outcome.reward, outcome.terminated, outcome.truncated, row, info))
         answer = OutcomeAnswer(episode_id=ref.episode_id, agent_id=ref.agent_id, step=rewarded.step, version=rewarded.version, ended=ends)
         return json_response(answer.model_dump())
 
@@ -140,7 +142,7 @@ def _add_collect_route(router: APIRouter, decider: Decider, place: "Placement", 
         rows = encoder.encode([body.observation])
         log.admit()
         with contextlib.suppress(EpisodeError):  # the episode's first call: no previous action to reward
-            log.record_outcome(ref, Outcome(body.reward, terminated=body.done, final_observation=rows if body.done else None))
+            await log.record_outcome(ref, Outcome(body.reward, terminated=body.done, final_observation=rows if body.done else None))
         decisions, steps = await decider.decide(rows, Kind.SAMPLE, None, None if body.done else [ref])
         answer = {"actions": decisions.actions[0], "probability": decisions.probabilities[0], "done": body.done}
         headers = {"X-Policy-Name": decider.served.name, "X-Policy-Version": decisions.version}
