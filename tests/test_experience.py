@@ -14,6 +14,8 @@ from typing import Any
 import duckdb
 import numpy as np
 import pytest
+from conftest import AUTH, settings_for
+from experience_support import every_file_reads, logging_policy, parquet_files, read_table
 from fastapi.testclient import TestClient
 from scipy.stats import norm
 
@@ -23,8 +25,6 @@ from policy_server.experience.writer import finish_merges
 from policy_server.http.episodes import batch_agents
 from policy_server.schema import Experience
 from policy_server.server import build_app
-from tests.conftest import AUTH, settings_for
-from tests.experience_support import every_file_reads, logging_policy, parquet_files, read_table
 
 MOUSE = {"mouse_row": 0, "mouse_col": 0, "mouse_row_distance": 3, "mouse_col_distance": 2, "cheese_row": 3, "cheese_col": 2}
 MOUSE_ROW = [0.0, 0.0, 3.0, 2.0, 3.0, 2.0]

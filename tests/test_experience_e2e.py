@@ -16,10 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
-
-from tests.conftest import AUTH
-from tests.experience_support import MouseGrid, every_file_reads, logging_policy, read_table, row_of
-from tests.servers import Server, free_port, running_server, serve_command
+from conftest import AUTH
+from experience_support import MouseGrid, every_file_reads, logging_policy, read_table, row_of
+from servers import Server, free_port, running_server, serve_command
 
 MOUSE = {"mouse_row": 0, "mouse_col": 0, "mouse_row_distance": 3, "mouse_col_distance": 2, "cheese_row": 3, "cheese_col": 2}
 BOUND_S = 30.0  # every wait below gives up after this
