@@ -42,7 +42,8 @@ COMMAND = "export_minari"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _STEP_COLUMNS = ("episode_id", "agent_id", "step", "time", "observation", "actions", "probability", "log_probability", "deterministic")
 _OUTCOME_COLUMNS = ("episode_id", "agent_id", "time", "reward", "terminated", "truncated", "final_observation")
-_SORT_STEPS = [("episode_id", "ascending"), ("agent_id", "ascending"), ("time", "ascending"), ("step", "ascending")]
+_SORT_OUTCOMES = [("episode_id", "ascending"), ("agent_id", "ascending"), ("time", "ascending")]
+_SORT_STEPS = [*_SORT_OUTCOMES, ("step", "ascending")]
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ def _read_log(spec: PolicySpec, log_dir: Path) -> _Log:
         )
     steps = steps.sort_by(_SORT_STEPS)
     outcomes = _read_table(log_dir / OUTCOMES / f"policy={spec.name}", [OUTCOME_SCHEMA.field(name) for name in _OUTCOME_COLUMNS], ("date",))
-    outcomes = outcomes.sort_by(_SORT_STEPS[:3])
+    outcomes = outcomes.sort_by(_SORT_OUTCOMES)
     times = steps["time"].cast(pa.int64()).to_numpy()
     joined = join(_keys(steps), times, list(zip(_keys(outcomes), _outcomes(outcomes), strict=True)))
     return _Log(steps, times, steps["version"].to_pylist(), joined.episodes, [outcome.time for _, outcome in joined.unmatched])
