@@ -261,7 +261,8 @@ def test_continuous_actions(tmp_path: Path, datasets: Path) -> None:
     log = log_of(folder)
     steps = [
         log.step("swing", at(0), [1.0, 0.0, 0.5], [0.75], probability=None, log_probability=-1.25),
-        log.step("swing", at(1), [0.5, 0.8, -7.5], [-2.0], probability=None, log_probability=None, deterministic=True),
+        # theta_dot below its minimum -8: a row sent to /predict_raw, which checks no bounds
+        log.step("swing", at(1), [0.5, 0.8, -9.5], [-2.0], probability=None, log_probability=None, deterministic=True),
     ]
     log.outcome("swing", at(0.1), -1.5)
     log.outcome("swing", at(1.1), -0.5, truncated=True, final_observation=[0.0, 1.0, 8.0])
@@ -271,9 +272,8 @@ def test_continuous_actions(tmp_path: Path, datasets: Path) -> None:
 
     dataset = load(datasets, "pendulum/served-v1")
     assert dataset.action_space == gym.spaces.Box(-2.0, 2.0, (1,), dtype=np.float32)
-    assert dataset.observation_space == gym.spaces.Box(
-        np.array([-1, -1, -8], np.float32), np.array([1, 1, 8], np.float32), dtype=np.float32
-    )
+    low, high = np.array([-1, -1, -np.inf], np.float32), np.array([1, 1, 8], np.float32)  # theta_dot's minimum dropped
+    assert dataset.observation_space == gym.spaces.Box(low, high, dtype=np.float32)
     ((_, episode),) = episodes(dataset)
     assert_episode(episode, steps, [0.0, 1.0, 8.0], [-1.5, -0.5], truncated=True)
     assert episode.actions.dtype == np.float32
@@ -330,7 +330,8 @@ def test_rewards_find_their_steps_by_time_across_processes(tmp_path: Path, datas
     each received the outcome of a step the other served: the order is (time, step), the join by time."""
     folder = policy_folder(tmp_path, "mouse_and_cheese")
     log = log_of(folder)
-    steps = [log.step("shared", at(t), mouse_row((t, 0), (5, 5)), [1], process="a:1" if t % 2 == 0 else "b:2") for t in range(4)]
+    servers = ["a:1", "a:1", "b:2", "a:1"]  # b:2 counts its step as 0, a:1 its last as 2
+    steps = [log.step("shared", at(t), mouse_row((t, 0), (5, 5)), [t % 4], process=server) for t, server in enumerate(servers)]
     for t, reward in enumerate([1.0, 2.0, 4.0]):
         log.outcome("shared", at(t + 0.5), reward, process="b:2" if t % 2 == 0 else "a:1")
     log.outcome("shared", at(3.5), 8.0, terminated=True, final_observation=mouse_row((5, 5), (5, 5)), process="b:2")
@@ -340,6 +341,7 @@ def test_rewards_find_their_steps_by_time_across_processes(tmp_path: Path, datas
 
     ((_, episode),) = episodes(load(datasets, "shared-v0"))
     assert_episode(episode, steps, mouse_row((5, 5), (5, 5)), [1.0, 2.0, 4.0, 8.0], terminated=True)
+    assert episode.actions.tolist() == [0, 1, 2, 3]
 
 
 def test_an_episode_id_used_again_after_its_end_is_a_new_episode(tmp_path: Path, datasets: Path) -> None:
