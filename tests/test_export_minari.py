@@ -4,6 +4,7 @@ exported by the real command, reopened with `minari.load_dataset` and compared e
 import math
 import os
 import shutil
+import sys
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import MOUSE_SCHEMA, MakePolicyDir, mlp
-from servers import REPO, generate
+from servers import REPO, generate, run
 
 from policy_server.experience.records import OUTCOME_SCHEMA, OUTCOMES, STEPS, step_schema
 from policy_server.loading import load_policy_spec
@@ -382,7 +384,9 @@ def test_unfinished_episodes_are_skipped_or_included_truncated(tmp_path: Path, d
 
     summary = export(datasets, "included-v0", "--directory", str(folder), "--include_unfinished")
     assert "episodes: 2, steps: 3" in summary
-    assert "skipped: 1" in summary and "truncated before their last step: 1" in summary
+    assert (
+        "unfinished episodes (no outcome ended them): 1 included, truncated before their last step; 1 of a single step skipped" in summary
+    )
     (_, ep_done), (meta, ep_running) = episodes(load(datasets, "included-v0"))
     assert_episode(ep_done, done, done[0].observation, [1.0], terminated=True)
     assert meta["episode_id"] == "running"
@@ -505,6 +509,10 @@ def test_mistakes_fail_in_one_line(tmp_path: Path, datasets: Path) -> None:
     policy_folder(root, "tuple_masking", extra="")  # does not log
     nowhere = tmp_path / "nowhere"
     nowhere.mkdir()
+    short = log_of(policy_folder(tmp_path / "short", "mouse_and_cheese"))
+    short.step("s", at(0), mouse_row((0, 0), (0, 1)), [3])
+    short.outcome("s", at(1), 1.0, terminated=True, final_observation=[0.0, 1.0])
+    short.write()
     export(datasets, "taken-v0", "--directory", str(mouse))
     cases = {
         "several": (["fresh-v0", "--directory", str(root)], ["several policies log experience: mouse_and_cheese, pendulum", "--policy"]),
@@ -515,6 +523,7 @@ def test_mistakes_fail_in_one_line(tmp_path: Path, datasets: Path) -> None:
         "bad time": (["fresh-v0", "--directory", str(mouse), "--since", "yesterday"], ["--since", "'yesterday'", "ISO 8601"]),
         "taken": (["taken-v0", "--directory", str(mouse)], ["taken-v0", "exists already", "minari delete"]),
         "bad id": (["no version", "--directory", str(mouse)], ["DATASET_ID", "name-vN"]),
+        "short final": (["fresh-v0", "--directory", str(short.root.parent)], ["final_observation", "episode 's' ended with 2 values", "6"]),
     }
     env = {"MINARI_DATASETS_PATH": str(datasets)}
     with ThreadPoolExecutor(4) as pool:
@@ -527,3 +536,47 @@ def test_mistakes_fail_in_one_line(tmp_path: Path, datasets: Path) -> None:
             assert word in lines[0], (case, word, lines[0])
     assert len(load(datasets, "taken-v0")) == 1  # refused, not touched
     assert sorted(path.name for path in datasets.iterdir()) == ["taken-v0"]
+
+
+def expert_move(mouse: tuple[int, int], cheese: tuple[int, int]) -> int:
+    """Towards the cheese, rows first: up, down, left, right as the schema's labels."""
+    if mouse[0] != cheese[0]:
+        return 0 if cheese[0] < mouse[0] else 1
+    return 2 if cheese[1] < mouse[1] else 3
+
+
+def test_behaviour_cloning_example_learns_the_logged_policy(tmp_path: Path, datasets: Path) -> None:
+    """README's training example, run on an export: its model imitates what was served, and the
+    server's own check takes it as the policy's next version."""
+    folder = policy_folder(tmp_path, "mouse_and_cheese")
+    (folder / "models" / "1").mkdir(parents=True)
+    shutil.copy2(EXAMPLES / "mouse_and_cheese" / "models" / "model.pt2", folder / "models" / "1" / "model.pt2")
+    log = log_of(folder)
+    rng = np.random.default_rng(0)
+    for episode in range(60):
+        mouse, cheese = (tuple(int(v) for v in rng.integers(0, 6, 2)) for _ in range(2))
+        for t in range(12):
+            move = expert_move(mouse, cheese)  # type: ignore[arg-type]
+            log.step(f"ep{episode}", at(episode * 100 + t), mouse_row(mouse, cheese), [move])  # type: ignore[arg-type]
+            mouse = (mouse[0] + (-1, 1, 0, 0)[move], mouse[1] + (0, 0, -1, 1)[move])
+            done = mouse == cheese
+            log.outcome(f"ep{episode}", at(episode * 100 + t + 0.5), 1.0 if done else -0.01, terminated=done, truncated=t == 11)
+            if done:
+                break
+    log.write()
+    export(datasets, "mouse/expert-v0", "--directory", str(folder))
+
+    model_path = folder / "models" / "2" / "model.pt2"
+    env = {"MINARI_DATASETS_PATH": str(datasets)}
+    result = run([sys.executable, str(EXAMPLES / "behaviour_cloning.py"), "mouse/expert-v0", str(model_path)], cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "trained on" in result.stdout
+
+    dataset = load(datasets, "mouse/expert-v0")
+    observations = np.concatenate([episode.observations[:-1] for episode in dataset.iterate_episodes()])
+    actions = np.concatenate([episode.actions for episode in dataset.iterate_episodes()])
+    logits = torch.export.load(model_path).module()(torch.as_tensor(observations))
+    assert (logits.argmax(dim=1).numpy() == actions).mean() >= 0.95
+    validated = generate("validate", str(folder))
+    assert validated.returncode == 0, validated.stderr
+    assert "would serve version 2" in validated.stdout

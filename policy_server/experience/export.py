@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from unittest import mock
 
 import gymnasium as gym
 import minari
@@ -28,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from minari.data_collector.episode_buffer import EpisodeBuffer
 from minari.dataset.minari_dataset import parse_dataset_id
+from minari.dataset.minari_storage import MinariStorage
 from minari.storage import get_dataset_path
 
 from policy_server.errors import ConfigError, first_line
@@ -68,23 +70,28 @@ class Summary:
     log_dir: Path
     episodes: int
     steps: int
+    include_unfinished: bool
     unfinished_skipped: int
     unfinished_included: int
     unmatched_outcomes: int
     repeated_final_observations: int
 
     def lines(self) -> list[str]:
-        lines = [
+        if self.include_unfinished:
+            unfinished = (
+                f"unfinished episodes (no outcome ended them): {self.unfinished_included} included, truncated before their last step;"
+                f" {self.unfinished_skipped} of a single step skipped"
+            )
+        else:
+            hint = " (--include_unfinished adds them, truncated before their last step)" if self.unfinished_skipped else ""
+            unfinished = f"unfinished episodes (no outcome ended them) skipped: {self.unfinished_skipped}{hint}"
+        return [
             f"exported policy {self.policy}'s experience log ({self.log_dir}) to Minari dataset {self.dataset_id} at {self.dataset_path}",
             f"episodes: {self.episodes}, steps: {self.steps}",
-            f"unfinished episodes (no outcome ended them) skipped: {self.unfinished_skipped}"
-            + ("" if self.unfinished_included else " (--include_unfinished adds those of two steps or more, truncated)"),
+            unfinished,
+            f"outcomes matching no step, ignored: {self.unmatched_outcomes}",
+            f"episodes whose end sent no final observation (their last observation repeated): {self.repeated_final_observations}",
         ]
-        if self.unfinished_included:
-            lines.append(f"unfinished episodes included, truncated before their last step: {self.unfinished_included}")
-        lines.append(f"outcomes matching no step, ignored: {self.unmatched_outcomes}")
-        lines.append(f"episodes whose end sent no final observation (their last observation repeated): {self.repeated_final_observations}")
-        return lines
 
 
 @dataclass(frozen=True)
@@ -136,8 +143,8 @@ def export_minari(snapshot: Snapshot, request: ExportRequest, environ: Mapping[s
     actions = _Actions(_heads(source, request.version))
     buffers = _buffers(cuts, log, actions)
     observations = observation_space(source.spec, np.vstack([buffer.observations for buffer in buffers]))
-    dataset = _write(target, request.dataset_id, buffers, (observations, actions.space), source.spec, log_dir)
-    dataset.storage.update_episode_metadata([_episode_metadata(cut, log) for cut in cuts], range(len(cuts)))
+    metadata = [_episode_metadata(cut, log) for cut in cuts]
+    _write(target, request.dataset_id, buffers, metadata, (observations, actions.space), source.spec, log_dir)
     return Summary(
         dataset_id=request.dataset_id,
         dataset_path=target,
@@ -145,6 +152,7 @@ def export_minari(snapshot: Snapshot, request: ExportRequest, environ: Mapping[s
         log_dir=log_dir,
         episodes=len(cuts),
         steps=sum(len(cut.decisions) for cut in cuts),
+        include_unfinished=request.include_unfinished,
         unfinished_skipped=len(running) - (len(cuts) - len(ended)),
         unfinished_included=len(cuts) - len(ended),
         unmatched_outcomes=sum(1 for time in log.unmatched_times if _in_window(time, request)),
@@ -466,15 +474,26 @@ def _free_dataset_path(dataset_id: str) -> Path:
 
 
 def _write(
-    target: Path, dataset_id: str, buffers: list[EpisodeBuffer], spaces: tuple[gym.Space, gym.Space], spec: PolicySpec, log_dir: Path
-) -> minari.MinariDataset:
-    """create_dataset_from_buffers, without the environment a served policy's log has none of;
-    a dataset half written is removed."""
+    target: Path,
+    dataset_id: str,
+    buffers: list[EpisodeBuffer],
+    metadata: list[dict[str, str]],
+    spaces: tuple[gym.Space, gym.Space],
+    spec: PolicySpec,
+    log_dir: Path,
+) -> None:
+    """create_dataset_from_buffers, without the environment a served policy's log has none of,
+    then each episode's metadata; a dataset half written is removed.
+
+    Minari 0.5.4's arrow storage measures the whole dataset (a walk of all its files) after every
+    episode it writes, which makes writing N episodes O(N²) (bench/RESULTS.md, "Export to
+    Minari"). The walk only sets `dataset_size`, so it is skipped while the episodes are written
+    and made once, when their metadata is written (update_episode_metadata ends with it)."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), mock.patch.object(MinariStorage, "get_size", return_value=0.0):
             # Minari warns of every field left unset (author, email, code link, environments): none applies here.
             warnings.simplefilter("ignore", UserWarning)
-            return minari.create_dataset_from_buffers(
+            dataset = minari.create_dataset_from_buffers(
                 dataset_id,
                 buffers,
                 env=None,
@@ -484,6 +503,7 @@ def _write(
                 description=f"The decisions policy {spec.name} served, exported from its experience log {log_dir}.",
                 data_format="arrow",
             )
+        dataset.storage.update_episode_metadata(metadata, range(len(metadata)))
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
