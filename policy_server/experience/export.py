@@ -272,101 +272,6 @@ def _microseconds(moment: datetime) -> int:
     return (moment - _EPOCH) // timedelta(microseconds=1)
 
 
-# --- episodes → Minari buffers ------------------------------------------------------------------
-
-
-def _cut(episode: Episode) -> _Cut:
-    """An ended episode, whole: its final observation the end's, else its last one again."""
-    assert episode.end is not None
-    final = episode.end.final_observation
-    return _Cut(
-        episode, episode.steps, episode.rewards, episode.end.terminated, episode.end.truncated, None if final else episode.steps[-1], final
-    )
-
-
-def _cut_unfinished(episode: Episode) -> _Cut:
-    """A running episode, truncated before its last step, whose observation ends it."""
-    return _Cut(episode, episode.steps[:-1], episode.rewards[:-1], False, True, episode.steps[-1], None)
-
-
-def _buffers(cuts: list[_Cut], log: _Log, heads: "_Actions") -> list[EpisodeBuffer]:
-    observation_rows = np.array(
-        [row for cut in cuts for row in [*cut.decisions, *([cut.final_step] if cut.final_step is not None else [])]]
-    )
-    observations = _matrix(log.steps["observation"], observation_rows, "observation")
-    decision_rows = np.array([row for cut in cuts for row in cut.decisions])
-    actions = heads.convert(_matrix(log.steps["actions"], decision_rows, "actions"))
-    probabilities = _floats(log.steps["probability"], decision_rows)
-    log_probabilities = _floats(log.steps["log_probability"], decision_rows)
-    deterministic = log.steps["deterministic"].take(decision_rows).to_pylist()
-    buffers = []
-    seen_observations = seen_decisions = 0
-    for index, cut in enumerate(cuts):
-        steps = len(cut.decisions)
-        taken = steps + (cut.final_step is not None)
-        rows = observations[seen_observations : seen_observations + taken]
-        if cut.final_observation:
-            rows = np.vstack([rows, _final_row(cut, rows.shape[1])])
-        window = slice(seen_decisions, seen_decisions + steps)
-        buffers.append(
-            EpisodeBuffer(
-                id=index,
-                observations=rows,
-                actions=actions[window],
-                rewards=cut.rewards,
-                terminations=[False] * (steps - 1) + [cut.terminated],
-                truncations=[False] * (steps - 1) + [cut.truncated],
-                infos={
-                    "probability": [*probabilities[window].tolist(), float("nan")],
-                    "log_probability": [*log_probabilities[window].tolist(), float("nan")],
-                    "version": [*(log.versions[row] for row in cut.decisions), ""],
-                    "deterministic": [*deterministic[window], False],
-                },
-            )
-        )
-        seen_observations += taken
-        seen_decisions += steps
-    return buffers
-
-
-def _matrix(column: pa.ChunkedArray, rows: np.ndarray, name: str) -> np.ndarray:
-    """The list column's `rows` as a matrix, one row each; they must be of one width."""
-    taken = column.take(rows).combine_chunks()
-    widths = pc.list_value_length(taken).to_numpy()
-    if widths.min() != widths.max():
-        raise ConfigError(
-            COMMAND,
-            name,
-            f"the episodes exported have {name} rows of widths {widths.min()} to {widths.max()}, and a Minari space has one",
-            "export one version at a time (--version), or episodes of one schema (--since/--until)",
-        )
-    return taken.flatten().to_numpy(zero_copy_only=False).reshape(len(rows), int(widths[0]))
-
-
-def _floats(column: pa.ChunkedArray, rows: np.ndarray) -> np.ndarray:
-    """A nullable float column's `rows`, null as NaN (a continuous action has no probability)."""
-    return pc.fill_null(column.take(rows), float("nan")).to_numpy()
-
-
-def _final_row(cut: _Cut, width: int) -> np.ndarray:
-    assert cut.final_observation is not None
-    row = np.asarray(cut.final_observation, dtype=np.float32)
-    if row.shape != (width,):
-        episode_id, agent_id = cut.episode.key
-        raise ConfigError(
-            COMMAND,
-            "final_observation",
-            f"episode {episode_id!r}{f' agent {agent_id!r}' if agent_id else ''} ended with {row.size} values, its observations have {width}",
-            "send the row the policy would be given next, or none",
-        )
-    return row
-
-
-def _episode_metadata(cut: _Cut, log: _Log) -> dict[str, str]:
-    start = _EPOCH + timedelta(microseconds=int(log.times[cut.episode.steps[0]]))
-    return {"episode_id": cut.episode.key[0], "agent_id": cut.episode.key[1], "start": start.isoformat()}
-
-
 # --- spaces -------------------------------------------------------------------------------------
 
 
@@ -449,6 +354,101 @@ def observation_space(spec: PolicySpec, observations: np.ndarray) -> gym.spaces.
         low[observations.min(axis=0) < low] = -np.inf
         high[observations.max(axis=0) > high] = np.inf
     return gym.spaces.Box(low, high, dtype=np.float32)
+
+
+# --- episodes → Minari buffers ------------------------------------------------------------------
+
+
+def _cut(episode: Episode) -> _Cut:
+    """An ended episode, whole: its final observation the end's, else its last one again."""
+    assert episode.end is not None
+    final = episode.end.final_observation
+    return _Cut(
+        episode, episode.steps, episode.rewards, episode.end.terminated, episode.end.truncated, None if final else episode.steps[-1], final
+    )
+
+
+def _cut_unfinished(episode: Episode) -> _Cut:
+    """A running episode, truncated before its last step, whose observation ends it."""
+    return _Cut(episode, episode.steps[:-1], episode.rewards[:-1], False, True, episode.steps[-1], None)
+
+
+def _buffers(cuts: list[_Cut], log: _Log, heads: _Actions) -> list[EpisodeBuffer]:
+    observation_rows = np.array(
+        [row for cut in cuts for row in [*cut.decisions, *([cut.final_step] if cut.final_step is not None else [])]]
+    )
+    observations = _matrix(log.steps["observation"], observation_rows, "observation")
+    decision_rows = np.array([row for cut in cuts for row in cut.decisions])
+    actions = heads.convert(_matrix(log.steps["actions"], decision_rows, "actions"))
+    probabilities = _floats(log.steps["probability"], decision_rows)
+    log_probabilities = _floats(log.steps["log_probability"], decision_rows)
+    deterministic = log.steps["deterministic"].take(decision_rows).to_pylist()
+    buffers = []
+    seen_observations = seen_decisions = 0
+    for index, cut in enumerate(cuts):
+        steps = len(cut.decisions)
+        taken = steps + (cut.final_step is not None)
+        rows = observations[seen_observations : seen_observations + taken]
+        if cut.final_observation:
+            rows = np.vstack([rows, _final_row(cut, rows.shape[1])])
+        window = slice(seen_decisions, seen_decisions + steps)
+        buffers.append(
+            EpisodeBuffer(
+                id=index,
+                observations=rows,
+                actions=actions[window],
+                rewards=cut.rewards,
+                terminations=[False] * (steps - 1) + [cut.terminated],
+                truncations=[False] * (steps - 1) + [cut.truncated],
+                infos={
+                    "probability": [*probabilities[window].tolist(), float("nan")],
+                    "log_probability": [*log_probabilities[window].tolist(), float("nan")],
+                    "version": [*(log.versions[row] for row in cut.decisions), ""],
+                    "deterministic": [*deterministic[window], False],
+                },
+            )
+        )
+        seen_observations += taken
+        seen_decisions += steps
+    return buffers
+
+
+def _matrix(column: pa.ChunkedArray, rows: np.ndarray, name: str) -> np.ndarray:
+    """The list column's `rows` as a matrix, one row each; they must be of one width."""
+    taken = column.take(rows).combine_chunks()
+    widths = pc.list_value_length(taken).to_numpy()
+    if widths.min() != widths.max():
+        raise ConfigError(
+            COMMAND,
+            name,
+            f"the episodes exported have {name} rows of widths {widths.min()} to {widths.max()}, and a Minari space has one",
+            "export one version at a time (--version), or episodes of one schema (--since/--until)",
+        )
+    return taken.flatten().to_numpy(zero_copy_only=False).reshape(len(rows), int(widths[0]))
+
+
+def _floats(column: pa.ChunkedArray, rows: np.ndarray) -> np.ndarray:
+    """A nullable float column's `rows`, null as NaN (a continuous action has no probability)."""
+    return pc.fill_null(column.take(rows), float("nan")).to_numpy()
+
+
+def _final_row(cut: _Cut, width: int) -> np.ndarray:
+    assert cut.final_observation is not None
+    row = np.asarray(cut.final_observation, dtype=np.float32)
+    if row.shape != (width,):
+        episode_id, agent_id = cut.episode.key
+        raise ConfigError(
+            COMMAND,
+            "final_observation",
+            f"episode {episode_id!r}{f' agent {agent_id!r}' if agent_id else ''} ended with {row.size} values, its observations have {width}",
+            "send the row the policy would be given next, or none",
+        )
+    return row
+
+
+def _episode_metadata(cut: _Cut, log: _Log) -> dict[str, str]:
+    start = _EPOCH + timedelta(microseconds=int(log.times[cut.episode.steps[0]]))
+    return {"episode_id": cut.episode.key[0], "agent_id": cut.episode.key[1], "start": start.isoformat()}
 
 
 # --- writing ------------------------------------------------------------------------------------
