@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import minari
+import numpy as np
 import pytest
 from conftest import AUTH
 from experience_support import MouseGrid, every_file_reads, logging_policy, read_table, row_of
-from servers import Server, free_port, running_server, serve_command
+from servers import Server, free_port, generate, running_server, serve_command
 
 MOUSE = {"mouse_row": 0, "mouse_col": 0, "mouse_row_distance": 3, "mouse_col_distance": 2, "cheese_row": 3, "cheese_col": 2}
 BOUND_S = 30.0  # every wait below gives up after this
@@ -57,16 +59,18 @@ def until(condition: Any, what: str) -> Any:
 
 @dataclass
 class Played:
-    """What the server answered: per (episode, agent), the steps' observations and answers, and the outcomes posted."""
+    """What the server answered: per (episode, agent), the steps' observations and answers, the
+    outcomes posted, and the final observation each episode ended on."""
 
     steps: dict[tuple[str, str], list[tuple[list[float], dict[str, Any]]]]
     outcomes: dict[tuple[str, str], list[tuple[float, bool, bool]]]
+    finals: dict[tuple[str, str], list[float]]
 
 
 def play(client: httpx.Client) -> Played:
     """Three episodes: one mouse alone (/predict), two mice in one episode (/predict_batch with
     agent_ids), and one through /collect_experience."""
-    played = Played({}, {})
+    played = Played({}, {}, {})
 
     def outcome(episode: str, agent: str, world: MouseGrid, reward: float, terminated: bool, truncated: bool) -> None:
         body: dict[str, Any] = {"episode_id": episode, "reward": reward, "terminated": terminated, "truncated": truncated}
@@ -74,6 +78,7 @@ def play(client: httpx.Client) -> Played:
             body["agent_id"] = agent
         if terminated or truncated:
             body["observation"] = world.observation()
+            played.finals[episode, agent] = row_of(world.observation())
         answer = client.post("/experience", json=body)
         assert answer.status_code == 200, answer.text
         played.outcomes.setdefault((episode, agent), []).append((reward, terminated, truncated))
@@ -105,7 +110,7 @@ def play(client: httpx.Client) -> Played:
     return played
 
 
-def test_episodes_played_over_http_are_logged_step_by_step(tmp_path: Path) -> None:
+def test_episodes_played_over_http_are_logged_step_by_step_and_exported_to_minari(tmp_path: Path) -> None:
     folder = logging_policy("mouse_and_cheese", tmp_path, "{dir: log}")
     with serving(folder) as (server, client):
         played = play(client)
@@ -124,6 +129,27 @@ def test_episodes_played_over_http_are_logged_step_by_step(tmp_path: Path) -> No
         posted = [(o["reward"], o["terminated"], o["truncated"]) for o in outcomes if (o["episode_id"], o["agent_id"]) == (episode, agent)]
         assert posted == played.outcomes[episode, agent]
         assert [o["step"] for o in outcomes if (o["episode_id"], o["agent_id"]) == (episode, agent)] == list(range(len(answered)))
+
+    datasets = tmp_path / "datasets"
+    exported = generate("export_minari", "mouse/played-v0", "--directory", str(folder), env={"MINARI_DATASETS_PATH": str(datasets)})
+    assert exported.returncode == 0, exported.stderr
+    os.environ["MINARI_DATASETS_PATH"] = str(datasets)
+    try:
+        dataset = minari.load_dataset("mouse/played-v0")
+    finally:
+        del os.environ["MINARI_DATASETS_PATH"]
+    metadata = list(dataset.storage.get_episode_metadata(range(dataset.total_episodes)))
+    assert sorted((m["episode_id"], m["agent_id"]) for m in metadata) == sorted(played.steps)
+    for meta, episode in zip(metadata, dataset.iterate_episodes(), strict=True):
+        key = (meta["episode_id"], meta["agent_id"])
+        answered, ends = played.steps[key], played.outcomes[key]
+        expected_rows = [observation for observation, _ in answered] + [played.finals[key]]
+        np.testing.assert_array_equal(episode.observations, np.array(expected_rows, dtype=np.float32))
+        assert episode.actions.tolist() == [answer["actions"][0] for _, answer in answered]
+        assert episode.rewards.tolist() == [reward for reward, _, _ in ends]
+        assert episode.terminations.tolist() == [terminated for _, terminated, _ in ends]
+        assert episode.truncations.tolist() == [truncated for _, _, truncated in ends]
+        np.testing.assert_allclose(episode.infos["probability"][:-1], [answer["probability"] for _, answer in answered], rtol=1e-12)
 
 
 def test_sigkill_loses_at_most_the_flush_interval_and_leaves_every_file_whole(tmp_path: Path) -> None:
