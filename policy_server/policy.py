@@ -60,6 +60,18 @@ class Decisions:
     head_probabilities: np.ndarray | None = field(default=None, compare=False)
     head_log_probabilities: np.ndarray | None = field(default=None, compare=False)
 
+    def take(self, rows: Sequence[int]) -> "Decisions":
+        """The decisions of these rows only."""
+        index = list(rows)
+        head_p, head_logp = self.head_probabilities, self.head_log_probabilities
+        return Decisions(
+            [self.actions[i] for i in index],
+            [self.probabilities[i] for i in index],
+            self.version,
+            None if head_p is None else head_p[index],
+            None if head_logp is None else head_logp[index],
+        )
+
 
 @dataclass(frozen=True)
 class HeadParameters:

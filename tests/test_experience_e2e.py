@@ -68,8 +68,8 @@ class Played:
 
 
 def play(client: httpx.Client) -> Played:
-    """Three episodes: one mouse alone (/predict), two mice in one episode (/predict_batch with
-    agent_ids), and one through /collect_experience."""
+    """Two episodes: one mouse alone (/predict), two mice in one episode (/predict_batch, each
+    observation naming its agent)."""
     played = Played({}, {}, {})
 
     def outcome(episode: str, agent: str, world: MouseGrid, reward: float, terminated: bool, truncated: bool) -> None:
@@ -96,7 +96,7 @@ def play(client: httpx.Client) -> Played:
     mice = {"left": MouseGrid((5, 0), (2, 2)), "right": MouseGrid((0, 5), (2, 2))}
     for step in range(12):
         names = list(mice)
-        body = {"observations": [mice[name].observation() for name in names], "agent_ids": names}
+        body = {"observations": [mice[name].observation() | {"agent_id": name} for name in names]}
         answer = client.post(f"/predict_batch?episode_id=pair&seed={step}", json=body)
         assert answer.status_code == 200, answer.text
         for name, result in zip(names, answer.json()["results"], strict=True):

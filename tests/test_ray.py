@@ -847,7 +847,7 @@ def test_ray_logs_the_same_experience_as_local(local_ray: str, tmp_path: Path) -
             _wait_ready(client)
             for seed, observation in enumerate(observations):
                 assert client.post(f"/predict?episode_id=e&seed={seed}", json=observation, headers=AUTH).status_code == 200
-            batch = {"observations": observations, "episode_ids": [f"b{i}" for i in range(len(observations))]}
+            batch = {"observations": [observation | {"episode_id": f"b{i}"} for i, observation in enumerate(observations)]}
             assert client.post("/predict_batch?seed=7", json=batch, headers=AUTH).status_code == 200
         logs[backend] = [{k: v for k, v in row.items() if k not in ("time", "process")} for row in read_table(folder / "log", "steps")]
     assert len(logs["local"]) == 2 * len(observations)

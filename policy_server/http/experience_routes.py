@@ -8,6 +8,7 @@ Without logging for the policy, those two routes answer 404 saying how to turn i
 """
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -39,9 +40,10 @@ class Decider:
     log: "ExperienceLog | None"
 
     async def decide(
-        self, rows: np.ndarray, kind: Kind, seed: int | None, refs: list[AgentRef] | None
+        self, rows: np.ndarray, kind: Kind, seed: int | None, refs: Sequence[AgentRef | None] | None
     ) -> tuple[Decisions, list[int] | None]:
-        """The decisions for `rows` and, when they name episodes the policy logs, their step indices."""
+        """The decisions for `rows` and, when the policy logs and rows name episodes (a ref each,
+        None for a row of none), the step indices of those rows."""
         log = self.log if refs is not None else None
         if log is not None:
             log.admit()
@@ -51,7 +53,13 @@ class Decider:
             self.served.metrics.count_actions(decisions.actions, decisions.version)
         if log is None or refs is None:
             return decisions, None
-        return decisions, await log.record_steps(self.served.spec, refs, rows, decisions, deterministic=kind is Kind.DETERMINISTIC)
+        agents = [ref for ref in refs if ref is not None]
+        logged_rows, logged = rows, decisions
+        if len(agents) < len(refs):
+            kept = [i for i, ref in enumerate(refs) if ref is not None]
+            logged_rows, logged = rows[kept], decisions.take(kept)
+        steps = await log.record_steps(self.served.spec, agents, logged_rows, logged, deterministic=kind is Kind.DETERMINISTIC)
+        return decisions, steps
 
     async def answer_one(self, rows: np.ndarray, kind: Kind, seed: int | None, refs: list[AgentRef] | None) -> Response:
         decisions, steps = await self.decide(rows, kind, seed, refs)
