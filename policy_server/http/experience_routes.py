@@ -63,10 +63,16 @@ class Decider:
 
     async def answer_one(self, rows: np.ndarray, kind: Kind, seed: int | None, refs: list[AgentRef] | None) -> Response:
         decisions, steps = await self.decide(rows, kind, seed, refs)
+        return json_response(
+            {"actions": decisions.actions[0], "probability": decisions.probabilities[0]}, headers=self.headers(decisions, steps)
+        )
+
+    def headers(self, decisions: Decisions, steps: list[int] | None) -> dict[str, str]:
+        """Who answered, and the step logged for a single decision."""
         headers = {"X-Policy-Name": self.served.name, "X-Policy-Version": decisions.version}
         if steps is not None:
             headers["X-Episode-Step"] = str(steps[0])
-        return json_response({"actions": decisions.actions[0], "probability": decisions.probabilities[0]}, headers=headers)
+        return headers
 
 
 class OutcomeAnswer(BaseModel):
@@ -153,10 +159,7 @@ def _add_collect_route(router: APIRouter, decider: Decider, place: "Placement", 
             await log.record_outcome(ref, Outcome(body.reward, terminated=body.done, final_observation=rows if body.done else None))
         decisions, steps = await decider.decide(rows, Kind.SAMPLE, None, None if body.done else [ref])
         answer = {"actions": decisions.actions[0], "probability": decisions.probabilities[0], "done": body.done}
-        headers = {"X-Policy-Name": decider.served.name, "X-Policy-Version": decisions.version}
-        if steps is not None:
-            headers["X-Episode-Step"] = str(steps[0])
-        return json_response(answer, headers=headers)
+        return json_response(answer, headers=decider.headers(decisions, steps))
 
     router.add_api_route(
         "/collect_experience",
