@@ -96,16 +96,17 @@ def test_a_batch_names_each_observations_agent_or_none() -> None:
 # --- the writer ------------------------------------------------------------------------------
 
 
-def test_segments_rotate_by_size_and_merge_into_whole_files(tmp_path: Path) -> None:
-    folder = logging_policy("mouse_and_cheese", tmp_path, "{dir: log, flush_seconds: 0.05, rotate_mb: 0.002}")
+@pytest.mark.parametrize("rotation", ["rotate_mb: 0.002", "rotate_minutes: 0.003"])
+def test_segments_rotate_by_size_or_age_and_merge_into_whole_files(tmp_path: Path, rotation: str) -> None:
+    folder = logging_policy("mouse_and_cheese", tmp_path, f"{{dir: log, flush_seconds: 0.05, {rotation}}}")
     with app_of(folder) as client:
         for step in range(60):
             assert client.post(f"/predict?episode_id=e&seed={step}", json=MOUSE, headers=AUTH).status_code == 200
             if step % 10 == 9:
-                time.sleep(0.15)  # a flush between: several chunks, more than one segment
+                time.sleep(0.25)  # flushes between: several chunks, older than 0.18 s, more than 2 KB together
     files = parquet_files(folder / "log")
     steps = [path for path in files if "steps" in path.parts]
-    assert len(steps) > 1, "2 KB segments: the steps rotate into several files"
+    assert len(steps) > 1, "the steps rotate into several files"
     assert not [path for path in files if "-c0" in path.name], "every segment merged at the stop"
     assert every_file_reads(folder / "log") == 60
     assert [row["step"] for row in read_table(folder / "log", "steps")] == list(range(60))
