@@ -102,10 +102,14 @@ class Watch(threading.Thread):
 
     def run(self) -> None:
         while not self.done.wait(POLL_S):
-            state = self.log.writer.state
-            self.peak_pending = max(self.peak_pending, state.pending_rows)
-            if state.written_rows != self.last_written:
-                self.last_written, self.last_write_s = state.written_rows, time.perf_counter() - self.started
+            self.poll()
+        self.poll()  # a flush it had no turn to see (a short run's only flush, at close)
+
+    def poll(self) -> None:
+        state = self.log.writer.state
+        self.peak_pending = max(self.peak_pending, state.pending_rows)
+        if state.written_rows != self.last_written:
+            self.last_written, self.last_write_s = state.written_rows, time.perf_counter() - self.started
 
 
 def measure(name: str, rows_per_piece: int, seconds: float, policy: Policy, spec: PolicySpec, folder: Path) -> Shape:
