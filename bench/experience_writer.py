@@ -16,6 +16,7 @@ bench/experience_writer.json; bench/run.py puts it in RESULTS.md.
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -61,6 +62,7 @@ class Shape:
     written_rows_per_s: float
     last_flush_s: float  # from the start to the flush that wrote the last row
     close_s: float  # the last flush and the merge of the chunks into one file per partition
+    writer_cpu_s: float  # the writer thread's CPU time, all of it (flushes and the merge)
     chunks: int  # files the flushes wrote (one per flush and partition), merged at close
     files: int  # on disk after close
     bytes_per_row: float
@@ -90,14 +92,26 @@ def agents(rows_per_piece: int) -> list[list[AgentRef]]:
     return [[AgentRef("batch", f"a{index}") for index in range(rows_per_piece)]]
 
 
+def thread_cpu_s(thread: threading.Thread) -> float | None:
+    """A running thread's CPU time (user and system), from /proc; None once it has ended."""
+    try:
+        fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Watch(threading.Thread):
-    """Polls the writer: the highest pending count, and when the written count last moved."""
+    """Polls the writer: the highest pending count, when the written count last moved, and the
+    CPU time of its thread (the one named after the policy) until it ends."""
 
     def __init__(self, log: ExperienceLog, started: float) -> None:
         super().__init__(daemon=True)
         self.log, self.started = log, started
+        self.writer = next(thread for thread in threading.enumerate() if thread.name == f"experience-{log.policy}")
         self.peak_pending = 0
         self.last_written, self.last_write_s = 0, 0.0
+        self.writer_cpu_s = 0.0
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -110,6 +124,7 @@ class Watch(threading.Thread):
         self.peak_pending = max(self.peak_pending, state.pending_rows)
         if state.written_rows != self.last_written:
             self.last_written, self.last_write_s = state.written_rows, time.perf_counter() - self.started
+        self.writer_cpu_s = thread_cpu_s(self.writer) or self.writer_cpu_s
 
 
 def measure(name: str, rows_per_piece: int, seconds: float, policy: Policy, spec: PolicySpec, folder: Path) -> Shape:
@@ -154,6 +169,7 @@ def measure(name: str, rows_per_piece: int, seconds: float, policy: Policy, spec
         written_rows_per_s=round(accepted / watch.last_write_s) if watch.last_write_s else 0,
         last_flush_s=round(watch.last_write_s, 3),
         close_s=round(close_s, 3),
+        writer_cpu_s=round(watch.writer_cpu_s, 2),
         chunks=log.writer.state.files,
         files=len(files),
         bytes_per_row=round(size / accepted, 2) if accepted else 0.0,
@@ -163,14 +179,16 @@ def measure(name: str, rows_per_piece: int, seconds: float, policy: Policy, spec
 def section(shapes: list[dict[str, Any]]) -> list[str]:
     """RESULTS.md's lines for the writer: its table and its target."""
     lines = [
-        "| pieces of | seconds | rows | rows/s accepted | rows/s written | last flush s | close s | refused | peak pending | chunks | bytes/row |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| pieces of | seconds | rows | rows/s accepted | rows/s written | last flush s | close s | refused | peak pending | chunks "
+        "| writer CPU s | rows per writer CPU s | bytes/row |",
+        "| --- |" + " ---: |" * 12,
     ]
     for s in shapes:
         lines.append(
             f"| {s['rows_per_piece']:,} row{'s' if s['rows_per_piece'] > 1 else ''} | {s['seconds']:.1f} | {s['rows']:,} | "
             f"{s['accepted_rows_per_s']:,.0f} | {s['written_rows_per_s']:,.0f} | {s['last_flush_s']:.2f} | {s['close_s']:.2f} | "
-            f"{s['refused']:,} | {s['peak_pending_rows']:,} | {s['chunks']} | {s['bytes_per_row']:.1f} |"
+            f"{s['refused']:,} | {s['peak_pending_rows']:,} | {s['chunks']} | {s['writer_cpu_s']:.2f} | "
+            f"{s['rows'] / s['writer_cpu_s'] if s['writer_cpu_s'] else 0:,.0f} | {s['bytes_per_row']:.1f} |"
         )
     return lines
 
