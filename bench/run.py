@@ -100,7 +100,7 @@ class Run:
     cold_ready_s: float | None = None
     switch_s: float | None = None  # from a version's rename into models/ to its being active (the switch rows)
     failure: str | None = None  # a peer that did not install or run here: why (its only row, no figures)
-    logged_per_request: float | None = None  # rows the experience log took per request answered (logging configurations)
+    logged_per_request: float | None = None  # rows the experience log took per request answered 2xx (logging configurations)
 
 
 # --- policies to serve ------------------------------------------------------------------------
@@ -523,7 +523,8 @@ def measure(group: list[Config], folders: dict[str, Path], duration: int, scratc
                     result = wrk(url, todo[0], concurrency, max(1, duration // ROUNDS), scratch)
                     run = _run(config, todo[0], concurrency, result, process, ready_s, cold_ready_s)
                     if config.experience:
-                        run = replace(run, logged_per_request=(logged_rows(url) - logged) / max(1, result["requests"]))
+                        answered = result["requests"] - result["errors"]  # a refused request (503: the log is behind) logs nothing
+                        run = replace(run, logged_per_request=(logged_rows(url) - logged) / max(1, answered))
                     samples.setdefault((config.name, name, concurrency), []).append(run)
     order = [(config.name, w.name, c) for config in group for w, c in plan(config, levels_of(config, concurrencies))]
     return [_median(samples[key]) for key in order]
@@ -955,8 +956,10 @@ Its requests name episodes: /predict?episode_id=c<k>, k taking the numbers of th
 turn (each episode's steps count up), and /predict_batch?episode_id=c0 with `agent_ids` a0 … a{BATCH_ROWS - 1}
 in the body (a step for each of {BATCH_ROWS} agents per request). It runs in the same interleaved rounds as
 `{LOGGING_OFF}`, whose requests are the same observations naming no episode. Rows logged per request are
-the rows the log took during a run (written and pending, from its /info) over the answers wrk
-counted: a little over 1 (or {BATCH_ROWS}), as wrk does not count the answers in flight when it stops.
+the rows the log took during a run (written and pending, from its /info) over the requests answered
+2xx: a little over 1 (or {BATCH_ROWS}), as wrk does not count the answers in flight when it stops. Errors
+are the log's refusals (503 while 200,000 rows wait for the disk): it takes at most that many rows
+per flush interval, so {BATCH_ROWS}-row batches faster than ~195 a second are refused in part.
 
 The writer alone is `bench/experience_writer.py` (`make bench` runs it first): the log in one
 process, its real writer thread writing Parquet into a temporary directory, fed by a producer that
@@ -965,7 +968,11 @@ random observations, for a fixed time per shape (1,024-row pieces as a /predict_
 agents makes, 1-row pieces as /predict makes); a refused admission waits 1 ms, as a client told 503
 would. Rows/s written are the rows read back from the files (counted: the script fails if they are
 not every row accepted) over the time until the flush that wrote the last of them; close is the last
-flush plus merging the chunks into one file; bytes/row is the files' size (zstd) over the rows."""
+flush plus merging the chunks into one file; writer CPU is its thread's (from /proc), so rows per
+writer CPU second is what the writer itself can do; bytes/row is the files' size (zstd) over the rows.
+Two limits other than the writer show: the 1,024-row shape is accepted at most at 200,000 rows (the
+pending bound) per flush interval, and the 1-row shape is fed by one Python thread sharing the GIL
+with the writer."""
 
 
 def experience_section(by_key: dict[tuple[str, str, int], Run], writer: list[dict[str, Any]]) -> list[str]:

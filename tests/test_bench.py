@@ -31,9 +31,12 @@ def test_harness_runs_end_to_end(tmp_path: Path) -> None:
     assert {(r["config"], r["workload"], r["concurrency"]) for r in runs} == {
         (config, "predict", c) for config in configs for c in (1, 32)
     } | {(config, "batch1024", 1) for config in configs}
-    assert all(r["requests_per_s"] > 0 and r["errors"] == 0 and r["rss_mib"] > 0 for r in runs)
+    assert all(r["requests_per_s"] > 0 and r["rss_mib"] > 0 for r in runs)
+    # The log refuses steps (503) beyond max_pending_rows a flush interval: 200,000 rows a second,
+    # which a fast machine's 1,024-row batches can exceed. Every other run answers everything.
+    assert all(r["errors"] == 0 for r in runs if (r["config"], r["workload"]) != ("local-experience", "batch1024"))
     logged = {(r["workload"], r["concurrency"]): r["logged_per_request"] for r in runs if r["config"] == "local-experience"}
-    # a little over the rows per request: wrk does not count the answers in flight when it stops
+    # per request answered, a little over its rows: wrk does not count the answers in flight when it stops
     assert 1 <= logged["predict", 1] < 1.1 and 1 <= logged["predict", 32] < 1.1 and 1024 <= logged["batch1024", 1] < 1.1 * 1024
     assert all(r["logged_per_request"] is None for r in runs if r["config"] != "local-experience")
     report = (tmp_path / "RESULTS.md").read_text()
