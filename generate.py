@@ -1,4 +1,4 @@
-"""`python generate.py COMMAND`: copy_server_files, clean, validate, openapi, clients, import_sb3, export_onnx, serve (`--help` on each)."""
+"""`python generate.py COMMAND`: copy_server_files, clean, validate, openapi, clients, import_sb3, export_onnx, export_minari, serve (`--help` on each)."""
 
 import fire
 

@@ -136,6 +136,47 @@ class Commands:
         if target.resolve().parent == source.resolve().parent:
             print(f"to serve it, add 'model: {{path: models/{target.name}}}' to schema.yaml, or move {source.name} out of models/")
 
+    def export_minari(
+        self,
+        dataset_id: str,
+        directory: str = ".",
+        policy: str | None = None,
+        version: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        include_unfinished: bool = False,
+    ) -> None:
+        """Turn a policy's experience log (Parquet) into a Minari dataset that minari.load_dataset(DATASET_ID) opens.
+
+        One Minari episode per episode and agent, in the order of their first steps; episodes still
+        running are left out unless --include_unfinished. The dataset goes where Minari keeps them
+        (MINARI_DATASETS_PATH, else ~/.minari/datasets) and never replaces one.
+
+        Args:
+            dataset_id: the new dataset's id, (namespace/)name-vN, e.g. mouse/served-v0
+            directory: the policy folder, or a folder of them, whose schema names the log (experience.dir; POLICY_SERVER_EXPERIENCE_DIR overrides it)
+            policy: which policy's log (default: the only one that logs)
+            version: only episodes whose first step this model version decided
+            since: only episodes whose first step is at or after this ISO 8601 time (UTC if it names no timezone)
+            until: only episodes whose first step is before this ISO 8601 time
+            include_unfinished: add episodes no outcome ended, truncated before their last step
+        """
+        from policy_server.experience.export import ExportRequest, export_minari, parse_time
+
+        try:
+            request = ExportRequest(
+                dataset_id=str(dataset_id),
+                policy=None if policy is None else str(policy),
+                version=None if version is None else _version_label(version),
+                since=None if since is None else parse_time(since, "--since"),
+                until=None if until is None else parse_time(until, "--until"),
+                include_unfinished=bool(include_unfinished),
+            )
+            summary = export_minari(_policies_in(Path(directory)), request, os.environ)
+        except ConfigError as error:
+            _fail(f"cannot export: {error}")
+        print("\n".join(summary.lines()))
+
     def openapi(self, directory: str = ".", out: str = "openapi.json") -> None:
         """Write the OpenAPI spec of the policy in `directory` to `out`."""
         spec, _ = _openapi(directory)
@@ -178,8 +219,9 @@ class Commands:
 
         Args:
             directory: the policy folder (default: POLICY_SERVER_DIR, else here)
-            workers: uvicorn worker processes; with more than one, /metrics sums them all, and with
-                backend ray they share one Ray and one Serve application per policy
+            workers: uvicorn worker processes; with more than one, /metrics sums them all, with
+                backend ray they share one Ray and one Serve application per policy, and an
+                experience log's outcomes find their episode whichever worker served it
         """
         import uvicorn
 
@@ -190,6 +232,8 @@ class Commands:
             os.environ["POLICY_SERVER_DIR"] = str(Path(directory).resolve())
         if backend is not None:
             os.environ["POLICY_SERVER_BACKEND"] = backend
+        if workers > 1:
+            os.environ["POLICY_SERVER_WORKERS"] = str(workers)  # the experience logs share their episodes
         if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="policy-server-metrics-")
         raise_descriptor_limit()
@@ -308,6 +352,12 @@ def _check_version(source: PolicySource, version: VersionSource, named: bool) ->
         lines.append(f"example observation {json.dumps(example)}")
         lines.append(f"→ deterministic actions {decisions.actions[0]}, probability {decisions.probabilities[0]}")
     return lines
+
+
+def _version_label(value: object) -> str:
+    """`--version 2` (fire hands over the int 2) or "02": the partition's label, "2"."""
+    text = str(value).strip()
+    return str(int(text)) if text.isdigit() else text
 
 
 def _invalid(error: ConfigError) -> int:

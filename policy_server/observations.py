@@ -9,7 +9,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from itertools import accumulate, chain, pairwise
-from typing import Annotated, Any
+from typing import Annotated, Any, NotRequired
 
 import numpy as np
 import orjson
@@ -147,20 +147,38 @@ def example_observation(spec: PolicySpec) -> dict[str, Any]:
     return {obs.name: example_value(obs) for obs in spec.observations or ()}
 
 
-_ID = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+EPISODE_KEYS = ("episode_id", "agent_id")  # an observation of a batch may name its episode and agent
+_EPISODE_KEY_TYPES = {
+    "episode_id": Annotated[
+        str, StringConstraints(pattern=ID_PATTERN), Field(description=f"Logs this decision as a step of this episode ({ID_RULE}).")
+    ],
+    "agent_id": Annotated[
+        str, StringConstraints(pattern=ID_PATTERN), Field(description="The agent of the episode this observation is of.")
+    ],
+}
 
 
 def batch_model(observation: Any, prefix: str = "") -> type[BaseModel]:
+    """The body of /predict_batch: observations that may each name their episode and agent (keys
+    the schema's observations do not use already)."""
+    own = {key: NotRequired[kind] for key, kind in _EPISODE_KEY_TYPES.items() if key not in observation.__annotations__}
+    item: Any = TypedDict(f"{prefix}BatchObservation", {**observation.__annotations__, **own})  # type: ignore[operator]
+    item.__pydantic_config__ = _OBSERVATION_CONFIG
     return create_model(
         f"{prefix}ObservationBatch",
         __config__=ConfigDict(strict=True),
-        observations=(list[observation], Field(description="Observations, one per agent; answered in the same order.")),  # type: ignore[valid-type]
-        episode_ids=(
-            list[_ID] | None,
-            Field(None, description=f"The episode of each observation, to log them as steps ({ID_RULE}); or ?episode_id= for all."),
-        ),
-        agent_ids=(list[_ID] | None, Field(None, description="The agent of each observation, when several share an episode.")),
+        observations=(list[item], Field(description="Observations, one per agent; answered in the same order.")),  # type: ignore[valid-type]
     )
+
+
+def episode_keys_of(observations: list[dict[str, Any]], spec: PolicySpec) -> list[tuple[str | None, str | None]] | None:
+    """Each batch observation's (episode_id, agent_id), taken out of it (they are not the model's
+    input); None when no observation names either."""
+    names = {obs.name for obs in spec.observations or ()}
+    keys = [key for key in EPISODE_KEYS if key not in names]
+    if not any(key in observation for observation in observations for key in keys):
+        return None
+    return [tuple(observation.pop(key, None) if key in keys else None for key in EPISODE_KEYS) for observation in observations]  # type: ignore[misc]
 
 
 _RAW_VALUE = Annotated[float, _WITHIN_RANGE]
@@ -257,7 +275,7 @@ class PlainBatchReader:
     """
 
     _NUMBER_TYPES = frozenset({int, float})
-    _EPISODE_KEYS = frozenset({"episode_ids", "agent_ids"})
+    _EPISODE_KEYS = tuple(f'"{key}"'.encode() for key in EPISODE_KEYS)
 
     def __init__(self, fields: Sequence[ObservationField]) -> None:
         names = [obs.name for obs in fields]
@@ -278,15 +296,17 @@ class PlainBatchReader:
         return cls(fields)
 
     def rows(self, body: bytes) -> np.ndarray | None:
-        """The float32 rows, in schema order; None if the body is not plainly valid (or empty)."""
+        """The float32 rows, in schema order; None if the body is not plainly valid (or empty), or
+        may name episodes (the model reads those)."""
+        if any(key in body for key in self._EPISODE_KEYS):
+            return None
         try:
-            document = orjson.loads(body)
-            observations = document["observations"]
+            observations = orjson.loads(body)["observations"]
             values = list(map(self._values_of, observations))
         except (orjson.JSONDecodeError, KeyError, TypeError):  # not JSON, a field or "observations" missing, not objects
             return None
-        if type(observations) is not list or not values or not self._EPISODE_KEYS.isdisjoint(document):
-            return None  # (episode ids: the model reads them)
+        if type(observations) is not list or not values:
+            return None
         flat = list(chain.from_iterable(values))
         if not set(map(type, flat)) <= self._NUMBER_TYPES:  # bools, strings, nulls, lists: the model says which
             return None

@@ -11,7 +11,7 @@ import random
 import re
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +55,22 @@ class Decisions:
     # [rows, heads], for the experience log: each head's probability of its action (NaN for a
     # continuous head: a density is no probability) and log-probability (a continuous head's
     # density at the value before clipping to its bounds, as policy-gradient methods count it;
-    # NaN without a std). Arrays, so the answer does not pay for them in Python objects.
-    head_probabilities: np.ndarray | None = None
-    head_log_probabilities: np.ndarray | None = None
+    # NaN without a std). Arrays, so the answer does not pay for them in Python objects; left out
+    # of ==, which they follow from (the experience tests compare them as logged).
+    head_probabilities: np.ndarray | None = field(default=None, compare=False)
+    head_log_probabilities: np.ndarray | None = field(default=None, compare=False)
+
+    def take(self, rows: Sequence[int]) -> "Decisions":
+        """The decisions of these rows only."""
+        index = list(rows)
+        head_p, head_logp = self.head_probabilities, self.head_log_probabilities
+        return Decisions(
+            [self.actions[i] for i in index],
+            [self.probabilities[i] for i in index],
+            self.version,
+            None if head_p is None else head_p[index],
+            None if head_logp is None else head_logp[index],
+        )
 
 
 @dataclass(frozen=True)

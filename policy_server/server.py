@@ -42,7 +42,7 @@ def build_app(settings: Settings) -> FastAPI:
         metrics=metrics,
         sdks=SDKOptions(settings.sdk_cache_dir, settings.sdks_in_background),
         watch_every_s=settings.watch_every_s,
-        experience=ExperienceLogs(settings.experience_dir),
+        experience=ExperienceLogs(settings.experience_dir, shared=settings.workers > 1),
     )
 
 

@@ -38,6 +38,7 @@ class Settings:
     model_cache_dir: Path | None = field(default_factory=lambda: _user_cache() / "models")  # traces of .pt2 models
     sdks_in_background: bool = True  # False: generate the SDKs on the first /clients request
     experience_dir: Path | None = None  # logs every policy's decisions there (policy_server/experience/)
+    workers: int = 1  # API processes serving the same policies (generate.py serve --workers sets it)
     # backend ray (DESIGN.md §5)
     ray_address: str | None = None  # join this cluster instead of starting a local Ray; selects backend ray
     ray_node_ip: str | None = None  # this machine's address for Ray, whenever we start or join it
@@ -69,6 +70,7 @@ class Settings:
             model_cache_dir=cache / "models",
             sdks_in_background=env.get("POLICY_SERVER_SDKS", "background").strip().lower() != "on-request",
             experience_dir=Path(env["POLICY_SERVER_EXPERIENCE_DIR"]).resolve() if env.get("POLICY_SERVER_EXPERIENCE_DIR") else None,
+            workers=_positive_int(env, "POLICY_SERVER_WORKERS", 1),
             ray_address=env.get("RAY_ADDRESS") or None,
             ray_node_ip=env.get("POLICY_SERVER_RAY_NODE_IP") or None,
             ray_metrics_port=_positive_int(env, "POLICY_SERVER_RAY_METRICS_PORT", DEFAULT_RAY_METRICS_PORT),

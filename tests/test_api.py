@@ -838,7 +838,9 @@ def test_openapi_operations_and_security(prefixed: TestClient) -> None:
     raw = _request_schema(spec, "/predict_raw")
     assert raw["properties"]["obs"]["type"] == "array"
     batch = _request_schema(spec, "/predict_batch")
-    assert _resolve(spec, batch["properties"]["observations"]["items"])["properties"].keys() == MOUSE_OBSERVATION.keys()
+    item = _resolve(spec, batch["properties"]["observations"]["items"])
+    assert item["properties"].keys() == MOUSE_OBSERVATION.keys() | {"episode_id", "agent_id"}  # each may name its episode and agent
+    assert set(item["required"]) == MOUSE_OBSERVATION.keys()
     assert "deterministic" in {p["name"] for p in spec["paths"]["/predict_batch"]["post"]["parameters"]}
 
 

@@ -10,7 +10,7 @@ from conftest import MOUSE_SCHEMA, MakePolicyDir, mlp, save_model
 from servers import generate
 from test_repository import make_policy
 
-COMMANDS = ("copy_server_files", "clean", "validate", "openapi", "clients", "import_sb3", "export_onnx", "serve")
+COMMANDS = ("copy_server_files", "clean", "validate", "openapi", "clients", "import_sb3", "export_onnx", "export_minari", "serve")
 
 
 @pytest.fixture

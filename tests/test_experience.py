@@ -14,17 +14,16 @@ from typing import Any
 import duckdb
 import numpy as np
 import pytest
+from conftest import AUTH, settings_for
+from experience_support import every_file_reads, logging_policy, parquet_files, read_table
 from fastapi.testclient import TestClient
 from scipy.stats import norm
 
-from policy_server.errors import InputError
 from policy_server.experience.episodes import AgentRef, EpisodeBook, EpisodeError
 from policy_server.experience.writer import finish_merges
 from policy_server.http.episodes import batch_agents
 from policy_server.schema import Experience
 from policy_server.server import build_app
-from tests.conftest import AUTH, settings_for
-from tests.experience_support import every_file_reads, logging_policy, parquet_files, read_table
 
 MOUSE = {"mouse_row": 0, "mouse_col": 0, "mouse_row_distance": 3, "mouse_col_distance": 2, "cheese_row": 3, "cheese_col": 2}
 MOUSE_ROW = [0.0, 0.0, 3.0, 2.0, 3.0, 2.0]
@@ -85,42 +84,29 @@ def test_the_book_forgets_the_agent_idle_longest_beyond_its_capacity() -> None:
         book.outcome(second, ends=False)
 
 
-@pytest.mark.parametrize(
-    ("args", "loc"),
-    [
-        ((2, None, ["a"], None), ["body", "episode_ids"]),  # one id for two observations
-        ((2, "e", None, ["a", "b", "c"]), ["body", "agent_ids"]),
-        ((2, "e", ["a", "b"], None), ["body", "episode_ids"]),  # in the query and the body
-        ((2, None, None, ["a", "b"]), ["body", "agent_ids"]),  # agents of no episode
-        ((2, "e", None, None), ["body", "observations", 1]),  # one agent twice
-        ((2, None, ["e", "e"], ["a", "a"]), ["body", "agent_ids", 1]),
-    ],
-)
-def test_a_batch_names_each_agent_once(args: tuple[Any, ...], loc: list[Any]) -> None:
-    with pytest.raises(InputError) as refused:
-        batch_agents(*args)
-    assert list(refused.value.loc) == loc
-
-
-def test_a_batch_of_one_episode_names_its_agents() -> None:
-    assert batch_agents(2, "e", None, ["a", "b"]) == [AgentRef("e", "a"), AgentRef("e", "b")]
-    assert batch_agents(2, None, ["e", "f"], None) == [AgentRef("e"), AgentRef("f")]
-    assert batch_agents(2, None, None, None) is None
+def test_a_batch_names_each_observations_agent_or_none() -> None:
+    named = [("e", "a"), (None, "b"), (None, None)]
+    assert batch_agents(3, "q", named) == [AgentRef("e", "a"), AgentRef("q", "b"), AgentRef("q")]  # the query's episode by default
+    assert batch_agents(3, None, named) == [AgentRef("e", "a"), None, None]  # an agent of no episode is not logged
+    assert batch_agents(2, "q", None) == [AgentRef("q"), AgentRef("q")]  # one agent's consecutive steps
+    assert batch_agents(2, None, [(None, "a"), (None, "b")]) is None
+    assert batch_agents(2, None, None) is None
 
 
 # --- the writer ------------------------------------------------------------------------------
 
 
-def test_segments_rotate_by_size_and_merge_into_whole_files(tmp_path: Path) -> None:
-    folder = logging_policy("mouse_and_cheese", tmp_path, "{dir: log, flush_seconds: 0.05, rotate_mb: 0.002}")
+@pytest.mark.parametrize("rotation", ["rotate_mb: 0.002", "rotate_minutes: 0.003"])
+def test_segments_rotate_by_size_or_age_and_merge_into_whole_files(tmp_path: Path, rotation: str) -> None:
+    folder = logging_policy("mouse_and_cheese", tmp_path, f"{{dir: log, flush_seconds: 0.05, {rotation}}}")
     with app_of(folder) as client:
         for step in range(60):
             assert client.post(f"/predict?episode_id=e&seed={step}", json=MOUSE, headers=AUTH).status_code == 200
             if step % 10 == 9:
-                time.sleep(0.15)  # a flush between: several chunks, more than one segment
+                time.sleep(0.25)  # flushes between: several chunks, older than 0.18 s, more than 2 KB together
     files = parquet_files(folder / "log")
     steps = [path for path in files if "steps" in path.parts]
-    assert len(steps) > 1, "2 KB segments: the steps rotate into several files"
+    assert len(steps) > 1, "the steps rotate into several files"
     assert not [path for path in files if "-c0" in path.name], "every segment merged at the stop"
     assert every_file_reads(folder / "log") == 60
     assert [row["step"] for row in read_table(folder / "log", "steps")] == list(range(60))
@@ -147,10 +133,14 @@ def test_every_decision_route_logs_what_it_answered(tmp_path: Path) -> None:
             client.post("/predict_raw?episode_id=solo&agent_id=x", json={"obs": MOUSE_ROW}, headers=AUTH),
             client.post("/predict?episode_id=e%3A1&agent_id=a", json=MOUSE, headers=AUTH),  # quoted: FastAPI's own path
             client.post(
-                "/predict_batch?episode_id=many&seed=2", json={"observations": [MOUSE, MOUSE], "agent_ids": ["a", "b"]}, headers=AUTH
+                "/predict_batch?episode_id=many&seed=2",
+                json={"observations": [MOUSE | {"agent_id": "a"}, MOUSE | {"agent_id": "b"}]},
+                headers=AUTH,
             ),
-            client.post("/predict_batch", json={"observations": [MOUSE, MOUSE], "episode_ids": ["p", "q"]}, headers=AUTH),
-            client.post("/predict", json=MOUSE, headers=AUTH),  # no episode: not logged
+            client.post(
+                "/predict_batch", json={"observations": [MOUSE | {"episode_id": "p"}, MOUSE, MOUSE | {"episode_id": "q"}]}, headers=AUTH
+            ),
+            client.post("/predict?agent_id=x", json=MOUSE, headers=AUTH),  # no episode: not logged
         ]
         assert [answer.status_code for answer in answers] == [200] * 7
         assert [answer.headers.get("X-Episode-Step") for answer in answers] == ["0", "1", "0", "0", None, None, None]
@@ -159,7 +149,8 @@ def test_every_decision_route_logs_what_it_answered(tmp_path: Path) -> None:
     expected += [("many", "a", 0, False), ("many", "b", 0, False), ("p", "", 0, False), ("q", "", 0, False)]
     assert [(s["episode_id"], s["agent_id"], s["step"], s["deterministic"]) for s in steps] == expected
     answered = [answers[0].json(), answers[1].json(), answers[2].json(), answers[3].json()]
-    answered += answers[4].json()["results"] + answers[5].json()["results"]
+    second_batch = answers[5].json()["results"]
+    answered += answers[4].json()["results"] + [second_batch[0], second_batch[2]]  # the middle observation named no episode
     for step, answer in zip(steps, answered, strict=True):
         assert step["observation"] == MOUSE_ROW
         assert step["fields"] == {name: float(value) for name, value in MOUSE.items()}

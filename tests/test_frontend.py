@@ -25,6 +25,7 @@ import pyarrow as pa
 import pytest
 import yaml
 from conftest import API_KEY, mlp, mouse_observation, save_model
+from experience_support import logging_policy, read_table
 from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from servers import REPO, Server, clean_env, free_port, running_server, uvicorn_command
@@ -558,3 +559,43 @@ def test_no_orphan_when_streamlit_is_killed(browser: Browser) -> None:
         streamlit.process.wait(30)
     assert_gone(child, url)
     log.unlink()
+
+
+# --- the episode toggle --------------------------------------------------------------------
+
+
+def test_the_episode_toggle_logs_the_pages_decisions_as_steps(tmp_path: Path) -> None:
+    folder = logging_policy("mouse_and_cheese", tmp_path, "{dir: log}")
+    with serving(folder) as server:
+        at = page(server.url)
+        at.toggle(key="episode_on").set_value(True)
+        run(at)
+        first = at.session_state["episode_id"]
+        click(at, "ask:predict")
+        click(at, "ask:predict_deterministic")
+        assert f"step 1 of episode {first}" in texts(at.caption)
+        click(at, "new_episode")
+        second = at.session_state["episode_id"]
+        click(at, "ask:predict")
+        click(at, "ask:distribution")  # not a decision: not a step
+        at.toggle(key="episode_on").set_value(False)
+        run(at)
+        click(at, "ask:predict")  # off: not logged
+        history = at.dataframe[0].value
+        assert [e if isinstance(e, str) else None for e in history["episode"]][:3] == [None, None, second]  # newest first
+    steps = read_table(folder / "log", "steps")
+    assert first != second
+    assert [(row["episode_id"], row["step"], row["deterministic"]) for row in steps] == [
+        (first, 0, False),
+        (first, 1, True),
+        (second, 0, False),
+    ]
+
+
+def test_the_episode_toggle_says_when_the_policy_keeps_no_steps(examples: dict[str, Server]) -> None:
+    at = page(examples["mouse_and_cheese"].url)
+    at.toggle(key="episode_on").set_value(True)
+    run(at)
+    assert "logs no experience" in texts(at.caption)
+    click(at, "ask:predict")
+    assert "not logged" in texts(at.caption)

@@ -38,6 +38,7 @@ from conftest import (
     save_model,
     settings_for,
 )
+from experience_support import logging_policy, read_table
 from fastapi.testclient import TestClient
 from pydantic import TypeAdapter
 from ray import serve as ray_serve
@@ -833,3 +834,21 @@ def test_replicas_failing_on_a_version_that_passed_the_check_roll_back_to_the_ol
     assert _versions_answering(outcomes, "after") == {"1": SWITCH_CLIENTS * ANSWERS_AFTER_SWITCH}
     assert status == "RUNNING"
     assert described["version"] == "1" and [replica["version"] for replica in described["replica_details"]] == ["1"]
+
+
+def test_ray_logs_the_same_experience_as_local(local_ray: str, tmp_path: Path) -> None:
+    """The decisions' probabilities and log-probabilities come back from the replicas whole: both
+    backends write the same steps for the same requests."""
+    observations = _tuple_observations(random.Random("experience"))
+    logs = {}
+    for backend, overrides in (("local", {}), ("ray", _ray_settings())):
+        folder = logging_policy("tuple_masking", tmp_path / backend, "{dir: log}")
+        with TestClient(build_app(settings_for(folder, **overrides)), raise_server_exceptions=False) as client:
+            _wait_ready(client)
+            for seed, observation in enumerate(observations):
+                assert client.post(f"/predict?episode_id=e&seed={seed}", json=observation, headers=AUTH).status_code == 200
+            batch = {"observations": [observation | {"episode_id": f"b{i}"} for i, observation in enumerate(observations)]}
+            assert client.post("/predict_batch?seed=7", json=batch, headers=AUTH).status_code == 200
+        logs[backend] = [{k: v for k, v in row.items() if k not in ("time", "process")} for row in read_table(folder / "log", "steps")]
+    assert len(logs["local"]) == 2 * len(observations)
+    assert logs["ray"] == logs["local"]

@@ -99,9 +99,9 @@ def fuzz(url: str, report_dir: Path) -> FuzzRun:
     )
 
 
-def fuzz_server(folder: Path, report_dir: Path, name: str) -> FuzzRun:
+def fuzz_server(folder: Path, report_dir: Path, name: str, env: dict[str, str] | None = None) -> FuzzRun:
     port = free_port()
-    with running_server(uvicorn_command(port), port, cwd=folder) as server:
+    with running_server(uvicorn_command(port), port, cwd=folder, env=env) as server:
         run = fuzz(server.url, report_dir)
     print(f"\nfuzz {name}: {run.cases} cases, {len(run.failures)} failures, {len(run.errors)} errors, {run.seconds:.1f} s")
     assert "Traceback" not in server.log, server.log
@@ -113,6 +113,14 @@ def fuzz_server(folder: Path, report_dir: Path, name: str) -> FuzzRun:
 def test_fuzz_an_example(example: str, tmp_path: Path) -> None:
     run = fuzz_server(REPO / "examples" / example, tmp_path, example)
     assert run.cases >= 100, run.output
+
+
+def test_fuzz_an_example_that_logs_experience(tmp_path: Path) -> None:
+    """Episodes named in the query and per observation, outcomes and /collect_experience: every
+    schema-valid request accepted (an outcome of no episode: the documented 404)."""
+    run = fuzz_server(REPO / "examples" / "mouse_and_cheese", tmp_path, "logging", {"POLICY_SERVER_EXPERIENCE_DIR": str(tmp_path / "log")})
+    assert run.cases >= 100, run.output
+    assert list((tmp_path / "log" / "steps").rglob("*.parquet")), "the fuzzed decisions that named an episode were logged"
 
 
 def test_fuzz_a_policy_with_every_type(make_policy_dir: MakePolicyDir, tmp_path: Path) -> None:

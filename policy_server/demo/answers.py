@@ -12,7 +12,7 @@ from typing import Any
 from policy_server.demo.form import head_labels
 
 CHOSEN, ALLOWED, MASKED = "chosen", "allowed", "masked (0)"
-HISTORY_COLUMNS = ("time", "route", "policy", "version", "action", "probability", "observation")
+HISTORY_COLUMNS = ("time", "route", "policy", "version", "action", "probability", "episode", "step", "observation")
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,8 @@ class Answer:
     `heads` are `/schema`'s `actions` when it was asked (the answer is shown with them even if the server
     changes); `actions`/`probability` are the decision (None for /distribution alone, whose most likely
     actions are shown instead); `distribution` is /distribution's heads for the same observation (None for
-    raw rows); `mask` the action mask sent, if any; `policy` and `version` what the server says answered."""
+    raw rows); `mask` the action mask sent, if any; `policy` and `version` what the server says answered;
+    `episode` the episode the decision was sent as a step of, and `step` its index if the server logged it."""
 
     route: str
     sent: dict[str, Any]
@@ -33,6 +34,8 @@ class Answer:
     mask: list[bool] | None = None
     policy: str | None = None
     version: str | None = None
+    episode: str | None = None
+    step: int | None = None
     at: str = field(default_factory=lambda: time.strftime("%H:%M:%S"))
 
 
@@ -120,6 +123,8 @@ def history_row(answer: Answer) -> dict[str, Any]:
         "version": answer.version,
         "action": "; ".join(f"{view.name}: {view.choice}" for view in head_views(answer)),
         "probability": answer.probability,
+        "episode": answer.episode,
+        "step": answer.step,
         "observation": json.dumps(answer.sent, separators=(",", ":")),
     }
 
@@ -129,6 +134,15 @@ def answered_by(answer: Answer) -> str:
     if answer.version is None:
         return ""
     return f"answered by {answer.policy} version {answer.version}" if answer.policy else f"answered by version {answer.version}"
+
+
+def logged_as(answer: Answer) -> str:
+    """Which step of which episode the server logged the decision as ("" if none was named)."""
+    if answer.episode is None:
+        return ""
+    if answer.step is None:
+        return f"episode {answer.episode}: not logged (this policy logs no experience)"
+    return f"step {answer.step} of episode {answer.episode}"
 
 
 def history_csv(rows: Sequence[dict[str, Any]]) -> str:

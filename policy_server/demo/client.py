@@ -41,6 +41,7 @@ class Reply:
     body: Any
     policy: str | None = None
     version: str | None = None
+    step: int | None = None  # X-Episode-Step: the decision was logged as this step of the episode named
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,8 @@ class PolicyClient:
     def get(self, path: str) -> Any:
         return self._request("GET", path, None).body
 
-    def ask(self, path: str, body: Any) -> Reply:
-        return self._request("POST", path, body)
+    def ask(self, path: str, body: Any, params: dict[str, str] | None = None) -> Reply:
+        return self._request("POST", path, body, params)
 
     def ready(self) -> bool:
         """True once the policy answers (`/ready` is 200); False while loading or unreachable."""
@@ -90,9 +91,11 @@ class PolicyClient:
         except (httpx.HTTPError, httpx.InvalidURL):
             return False
 
-    def _request(self, method: str, path: str, body: Any) -> Reply:
+    def _request(self, method: str, path: str, body: Any, params: dict[str, str] | None = None) -> Reply:
         try:
-            response = httpx.request(method, f"{self.url}{self.prefix}{path}", json=body, headers=self._headers, timeout=self._timeout)
+            response = httpx.request(
+                method, f"{self.url}{self.prefix}{path}", json=body, params=params, headers=self._headers, timeout=self._timeout
+            )
         except httpx.InvalidURL as exc:
             raise Unreachable(f"{self.url!r} is not a URL ({exc}); write it as http://HOST:PORT") from exc
         except httpx.UnsupportedProtocol as exc:
@@ -100,7 +103,11 @@ class PolicyClient:
         except httpx.TransportError as exc:
             raise Unreachable(f"Nothing answers at {self.url} ({type(exc).__name__}: {exc or 'no answer'})") from exc
         if response.is_success:
-            return Reply(_json(response), response.headers.get("x-policy-name"), response.headers.get("x-policy-version"))
+            step = response.headers.get("x-episode-step")
+            headers = response.headers
+            return Reply(
+                _json(response), headers.get("x-policy-name"), headers.get("x-policy-version"), None if step is None else int(step)
+            )
         raise ServerError(response.status_code, f"{response.status_code}: {_error_detail(response)}")
 
 

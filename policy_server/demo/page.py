@@ -18,7 +18,18 @@ from typing import TYPE_CHECKING, Any
 import streamlit as st
 
 from policy_server.demo import launcher
-from policy_server.demo.answers import ALLOWED, CHOSEN, MASKED, Answer, HeadView, answered_by, head_views, history_csv, history_row
+from policy_server.demo.answers import (
+    ALLOWED,
+    CHOSEN,
+    MASKED,
+    Answer,
+    HeadView,
+    answered_by,
+    head_views,
+    history_csv,
+    history_row,
+    logged_as,
+)
 from policy_server.demo.client import Listing, PolicyClient, ServerError, Unreachable
 from policy_server.demo.form import Field, Scalar, Value, Widget, example_value, fields, format_list, parse_list, random_value
 from policy_server.errors import ConfigError
@@ -50,6 +61,7 @@ def main() -> None:
         st.error(str(exc))
         return
     st.title(f"{schema['name']} policy")
+    _episode_controls(info)
     has_observations = bool(schema.get("observations"))
     tabs = st.tabs((["Observation"] if has_observations else []) + ["Raw observation"])
     if has_observations:
@@ -204,6 +216,30 @@ def _start(url: str, label: str, folder: Path) -> None:
     st.rerun()
 
 
+# --- the episode ----------------------------------------------------------------------------
+
+
+def _episode_controls(info: dict[str, Any]) -> None:
+    """The "episode" toggle: on, every decision asked is sent as the next step of one episode
+    (`?episode_id=`), which a policy that logs experience writes to its log."""
+    with st.container(horizontal=True):
+        on = st.toggle("Episode", key="episode_on", help="Send each decision as a step of one episode, for the experience log.")
+        if on:
+            st.session_state.setdefault("episode_id", _new_episode_id())
+            st.caption(f"episode **{st.session_state['episode_id']}**")
+            st.button("New episode", key="new_episode", on_click=lambda: st.session_state.update(episode_id=_new_episode_id()))
+    if on and info.get("experience") is None:
+        st.caption("This policy logs no experience (no `experience:` in its schema.yaml): the steps are not kept.")
+
+
+def _new_episode_id() -> str:
+    return f"demo-{secrets.token_hex(4)}"
+
+
+def _episode() -> str | None:
+    return st.session_state.get("episode_id") if st.session_state.get("episode_on") else None
+
+
 # --- the observation form ------------------------------------------------------------------
 
 
@@ -310,9 +346,11 @@ def _raw_tab(client: PolicyClient, schema: dict[str, Any]) -> None:
 
 
 def _ask(client: PolicyClient, route: str, body: dict[str, Any], heads: list[dict[str, Any]], mask: list[bool] | None) -> None:
-    """Ask `route` (and /distribution, for the chart, unless the body is a raw row); keep the answer or the error."""
+    """Ask `route` (and /distribution, for the chart, unless the body is a raw row); keep the answer or the error.
+    A decision is a step of the episode, when the toggle is on."""
+    episode = None if route == "distribution" else _episode()
     try:
-        decision = None if route == "distribution" else client.ask(f"/{route}", body)
+        decision = None if route == "distribution" else client.ask(f"/{route}", body, {"episode_id": episode} if episode else None)
         distribution = None if route == "predict_raw" else client.ask("/distribution", body)
     except (ServerError, Unreachable) as exc:
         st.session_state["answer"] = None
@@ -330,6 +368,8 @@ def _ask(client: PolicyClient, route: str, body: dict[str, Any], heads: list[dic
         mask=mask,
         policy=answered.policy,
         version=answered.version,
+        episode=episode,
+        step=None if decision is None else decision.step,
     )
     st.session_state["answer"] = answer
     st.session_state["error"] = None
@@ -352,7 +392,9 @@ def _show_answer() -> None:
         column.caption(view.detail)
     if answer.probability is not None:
         columns[-1].metric("probability", f"{answer.probability:.4g}")
-    st.caption(", ".join(filter(None, (f"{ROUTES.get(answer.route, answer.route)} at {answer.at}", answered_by(answer)))))
+    st.caption(
+        ", ".join(filter(None, (f"{ROUTES.get(answer.route, answer.route)} at {answer.at}", answered_by(answer), logged_as(answer))))
+    )
     charted = [view for view in views if view.bars]
     for column, view in zip(st.columns(len(charted)) if charted else [], charted, strict=True):
         column.altair_chart(_chart(view), width="stretch")

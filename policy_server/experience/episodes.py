@@ -43,10 +43,15 @@ class _Agent:
 
 @dataclass(frozen=True)
 class Rewarded:
-    """What an outcome rewards: the agent's last step, and the version that decided it."""
+    """What an outcome rewards: the agent's last step, and the version that decided it (None:
+    another API process served it; the export finds it by time)."""
 
-    step: int
-    version: str
+    step: int | None
+    version: str | None
+
+
+def ended(ref: AgentRef) -> EpisodeError:
+    return EpisodeError(409, f"{ref} has ended: its last action has its outcome already; a new step with these ids begins a new episode")
 
 
 class EpisodeBook:
@@ -79,9 +84,7 @@ class EpisodeBook:
         if agent is None:
             raise EpisodeError(404, self._unknown(ref))
         if agent.ended:
-            raise EpisodeError(
-                409, f"{ref} has ended: its last action has its outcome already; a new step with these ids begins a new episode"
-            )
+            raise ended(ref)
         self._agents.move_to_end(ref)
         agent.ended = ends
         return Rewarded(agent.steps - 1, agent.version)

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from policy_server.experience.episodes import AgentRef, EpisodeBook, Rewarded
-from policy_server.experience.errors import ExperienceUnavailable
+from policy_server.experience.episodes import AgentRef, EpisodeBook, Rewarded, ended
+from policy_server.experience.errors import EpisodeError, ExperienceUnavailable
 from policy_server.experience.records import OUTCOMES, STEPS
+from policy_server.experience.shared import SharedEpisodes
 from policy_server.experience.tables import OutcomePiece, StepPiece, StepTable, outcomes_table
 from policy_server.experience.writer import ExperienceWriter, Partition, Pending
 from policy_server.policy import Decisions
@@ -37,11 +38,15 @@ class Outcome:
 
 
 class ExperienceLog:
-    def __init__(self, config: Experience, policy: str) -> None:
+    """`shared`: several API processes serve this policy; the episodes they begin and end are
+    shared through the file shared.py keeps, so an outcome finds its episode in any of them."""
+
+    def __init__(self, config: Experience, policy: str, shared: bool = False) -> None:
         self.config = config
         self.policy = policy
         self.book = EpisodeBook()
         self.writer = ExperienceWriter(config, policy)
+        self.shared = SharedEpisodes(config.dir, policy) if shared else None
         self.refused = 0
         self._process = f"{socket.gethostname()}:{os.getpid()}"
         self._spec: PolicySpec | None = None  # a schema change brings a new spec, and a new table layout
@@ -52,6 +57,8 @@ class ExperienceLog:
 
     def close(self) -> None:
         self.writer.close()
+        if self.shared is not None:
+            self.shared.close()
 
     def admit(self) -> None:
         refusal = self.writer.refusal()
@@ -59,12 +66,14 @@ class ExperienceLog:
             self.refused += 1
             raise ExperienceUnavailable(refusal, self.writer.retry_after_s)
 
-    def record_steps(
+    async def record_steps(
         self, spec: PolicySpec, refs: Sequence[AgentRef], rows: np.ndarray, decisions: Decisions, deterministic: bool
     ) -> list[int]:
         """Log one request's decisions, row by row; the step index of each."""
         assert decisions.head_probabilities is not None and decisions.head_log_probabilities is not None
         steps = [self.book.step(ref, decisions.version) for ref in refs]
+        if self.shared is not None and 0 in steps:  # known to the other processes before the answer leaves
+            await self.shared.begin([ref for ref, step in zip(refs, steps, strict=True) if step == 0])
         now = time.time_ns() // 1000
         piece = StepPiece(
             [ref.episode_id for ref in refs],
@@ -80,8 +89,9 @@ class ExperienceLog:
         self.writer.put(Pending(self._steps_partition(spec, decisions.version, now), piece, len(refs)))
         return steps
 
-    def record_outcome(self, ref: AgentRef, outcome: Outcome) -> Rewarded:
-        rewarded = self.book.outcome(ref, ends=outcome.terminated or outcome.truncated)
+    async def record_outcome(self, ref: AgentRef, outcome: Outcome) -> Rewarded:
+        ends = outcome.terminated or outcome.truncated
+        rewarded = self.book.outcome(ref, ends) if self.shared is None else await self._shared_outcome(ref, ends)
         now = time.time_ns() // 1000
         final = None if outcome.final_observation is None else outcome.final_observation.reshape(-1).tolist()
         piece = OutcomePiece(
@@ -97,6 +107,23 @@ class ExperienceLog:
             outcome.info,
         )
         self.writer.put(Pending(self._outcomes_partition(now), piece, 1))
+        return rewarded
+
+    async def _shared_outcome(self, ref: AgentRef, ends: bool) -> Rewarded:
+        """What the processes together know: the shared file says whether the episode runs; this
+        process's book, when it served the step, which step and version are rewarded."""
+        assert self.shared is not None
+        state = await self.shared.state(ref)
+        if state is None:
+            return self.book.outcome(ref, ends)  # its 404, telling an unknown episode from an agent without an action
+        if state.ended:
+            raise ended(ref)
+        try:
+            rewarded = self.book.outcome(ref, ends)
+        except EpisodeError:  # another process served the agent's last step
+            rewarded = Rewarded(None, None)
+        if ends:
+            await self.shared.end(ref)
         return rewarded
 
     def describe(self) -> dict[str, Any]:

@@ -15,8 +15,9 @@ class ExperienceLogs:
     """Every policy's log, made when its routes are (for a schema that asks for one, or for every
     policy with POLICY_SERVER_EXPERIENCE_DIR) and kept while the server runs."""
 
-    def __init__(self, override_dir: Path | None = None) -> None:
+    def __init__(self, override_dir: Path | None = None, shared: bool = False) -> None:
         self.override_dir = override_dir
+        self.shared = shared  # several API processes: the logs share their episodes (shared.py)
         self.logs: dict[tuple[str, Experience], ExperienceLog] = {}
 
     def for_policy(self, spec: PolicySpec) -> "ExperienceLog | None":
@@ -27,7 +28,7 @@ class ExperienceLogs:
         if log is None:
             from policy_server.experience.log import ExperienceLog
 
-            log = self.logs[spec.name, config] = ExperienceLog(config, spec.name)
+            log = self.logs[spec.name, config] = ExperienceLog(config, spec.name, self.shared)
             log.start()
         return log
 

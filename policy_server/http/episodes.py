@@ -4,7 +4,6 @@ from typing import Annotated
 
 from fastapi import Query
 
-from policy_server.errors import InputError
 from policy_server.experience.episodes import ID_PATTERN, ID_RULE, SINGLE_AGENT, AgentRef
 
 EpisodeId = Annotated[
@@ -21,37 +20,16 @@ AgentId = Annotated[
 
 
 def one_agent(episode_id: str | None, agent_id: str | None) -> list[AgentRef] | None:
-    if episode_id is None:
-        if agent_id is not None:
-            raise InputError(("query", "agent_id"), "agent_id needs the episode_id it belongs to", "missing_episode_id")
-        return None
-    return [AgentRef(episode_id, agent_id or SINGLE_AGENT)]
+    """The agent a decision is for; None when no episode is named (an agent_id alone is ignored)."""
+    return None if episode_id is None else [AgentRef(episode_id, agent_id or SINGLE_AGENT)]
 
 
-def batch_agents(count: int, episode_id: str | None, episode_ids: list[str] | None, agent_ids: list[str] | None) -> list[AgentRef] | None:
-    """One ref per observation: `?episode_id=E` with `agent_ids` (one per observation) for many
-    agents of one episode, or `episode_ids` (one per observation, with `agent_ids` if some share
-    an episode). None when the batch names no episode."""
-    for name, ids in (("episode_ids", episode_ids), ("agent_ids", agent_ids)):
-        if ids is not None and len(ids) != count:
-            raise InputError(("body", name), f"gives {len(ids)} ids for {count} observations: one per observation", "ids_length")
-    if episode_id is not None and episode_ids is not None:
-        raise InputError(("body", "episode_ids"), "name the episode in the query or per observation, not both", "episode_twice")
-    if episode_id is None and episode_ids is None:
-        if agent_ids is not None:
-            raise InputError(
-                ("body", "agent_ids"), "agent_ids need the episode they belong to (?episode_id= or episode_ids)", "missing_episode_id"
-            )
-        return None
-    episodes = episode_ids if episode_ids is not None else [episode_id or ""] * count
-    refs = [AgentRef(episode, agent) for episode, agent in zip(episodes, agent_ids or [SINGLE_AGENT] * count, strict=True)]
-    seen: set[AgentRef] = set()
-    for index, ref in enumerate(refs):
-        if ref in seen:
-            raise InputError(
-                ("body", "agent_ids" if agent_ids is not None else "observations", index),
-                f"{ref} has two observations in this batch: one decision per agent per call",
-                "agent_twice",
-            )
-        seen.add(ref)
-    return refs
+def batch_agents(count: int, episode_id: str | None, named: list[tuple[str | None, str | None]] | None) -> list[AgentRef | None] | None:
+    """The agent of each observation: its own `episode_id` (else the query's) and `agent_id`; None
+    for an observation of no episode (not logged), and None for a batch that names none.
+    Observations of one agent (none named, say) are its consecutive steps, in order."""
+    pairs = named or [(None, None)] * count
+    refs = [
+        None if not (episode or episode_id) else AgentRef(episode or episode_id or "", agent or SINGLE_AGENT) for episode, agent in pairs
+    ]
+    return refs if any(refs) else None

@@ -8,6 +8,7 @@ Without logging for the policy, those two routes answer 404 saying how to turn i
 """
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -39,9 +40,10 @@ class Decider:
     log: "ExperienceLog | None"
 
     async def decide(
-        self, rows: np.ndarray, kind: Kind, seed: int | None, refs: list[AgentRef] | None
+        self, rows: np.ndarray, kind: Kind, seed: int | None, refs: Sequence[AgentRef | None] | None
     ) -> tuple[Decisions, list[int] | None]:
-        """The decisions for `rows` and, when they name episodes the policy logs, their step indices."""
+        """The decisions for `rows` and, when the policy logs and rows name episodes (a ref each,
+        None for a row of none), the step indices of those rows."""
         log = self.log if refs is not None else None
         if log is not None:
             log.admit()
@@ -51,21 +53,35 @@ class Decider:
             self.served.metrics.count_actions(decisions.actions, decisions.version)
         if log is None or refs is None:
             return decisions, None
-        return decisions, log.record_steps(self.served.spec, refs, rows, decisions, deterministic=kind is Kind.DETERMINISTIC)
+        agents = [ref for ref in refs if ref is not None]
+        logged_rows, logged = rows, decisions
+        if len(agents) < len(refs):
+            kept = [i for i, ref in enumerate(refs) if ref is not None]
+            logged_rows, logged = rows[kept], decisions.take(kept)
+        steps = await log.record_steps(self.served.spec, agents, logged_rows, logged, deterministic=kind is Kind.DETERMINISTIC)
+        return decisions, steps
 
     async def answer_one(self, rows: np.ndarray, kind: Kind, seed: int | None, refs: list[AgentRef] | None) -> Response:
         decisions, steps = await self.decide(rows, kind, seed, refs)
+        return json_response(
+            {"actions": decisions.actions[0], "probability": decisions.probabilities[0]}, headers=self.headers(decisions, steps)
+        )
+
+    def headers(self, decisions: Decisions, steps: list[int] | None) -> dict[str, str]:
+        """Who answered, and the step logged for a single decision."""
         headers = {"X-Policy-Name": self.served.name, "X-Policy-Version": decisions.version}
         if steps is not None:
             headers["X-Episode-Step"] = str(steps[0])
-        return json_response({"actions": decisions.actions[0], "probability": decisions.probabilities[0]}, headers=headers)
+        return headers
 
 
 class OutcomeAnswer(BaseModel):
     episode_id: str
     agent_id: str = Field(description="Empty for an episode of one agent.")
-    step: int = Field(description="The step rewarded: the agent's last decision in the episode, counted from 0.")
-    version: str = Field(description="The policy version that made that decision.")
+    step: int | None = Field(
+        description="The step rewarded: the agent's last decision in the episode, counted from 0 (null: another API process served it)."
+    )
+    version: str | None = Field(description="The policy version that made that decision (null likewise).")
     ended: bool
 
 
@@ -101,7 +117,7 @@ def add_experience_routes(router: APIRouter, decider: Decider, place: "Placement
         row = None if outcome.observation is None else final_row(outcome.observation)
         info = None if outcome.info is None else orjson.dumps(outcome.info).decode()
         ends = outcome.terminated or outcome.truncated
-        rewarded = log.record_outcome(ref, Outcome(outcome.reward, outcome.terminated, outcome.truncated, row, info))
+        rewarded = await log.record_outcome(ref, Outcome(outcome.reward, outcome.terminated, outcome.truncated, row, info))
         answer = OutcomeAnswer(episode_id=ref.episode_id, agent_id=ref.agent_id, step=rewarded.step, version=rewarded.version, ended=ends)
         return json_response(answer.model_dump())
 
@@ -140,13 +156,10 @@ def _add_collect_route(router: APIRouter, decider: Decider, place: "Placement", 
         rows = encoder.encode([body.observation])
         log.admit()
         with contextlib.suppress(EpisodeError):  # the episode's first call: no previous action to reward
-            log.record_outcome(ref, Outcome(body.reward, terminated=body.done, final_observation=rows if body.done else None))
+            await log.record_outcome(ref, Outcome(body.reward, terminated=body.done, final_observation=rows if body.done else None))
         decisions, steps = await decider.decide(rows, Kind.SAMPLE, None, None if body.done else [ref])
         answer = {"actions": decisions.actions[0], "probability": decisions.probabilities[0], "done": body.done}
-        headers = {"X-Policy-Name": decider.served.name, "X-Policy-Version": decisions.version}
-        if steps is not None:
-            headers["X-Episode-Step"] = str(steps[0])
-        return json_response(answer, headers=headers)
+        return json_response(answer, headers=decider.headers(decisions, steps))
 
     router.add_api_route(
         "/collect_experience",

@@ -17,7 +17,6 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from policy_server import __version__
-from policy_server.experience.episodes import AgentRef
 from policy_server.http.context import ServerContext
 from policy_server.http.episodes import AgentId, EpisodeId, batch_agents, one_agent
 from policy_server.http.errors import ErrorDetail
@@ -33,6 +32,7 @@ from policy_server.observations import (
     batch_decisions_model,
     batch_model,
     decision_model,
+    episode_keys_of,
     example_observation,
     observation_model,
     raw_observation_model,
@@ -136,12 +136,10 @@ def _add_observation_routes(router: APIRouter, decider: Decider, place: Placemen
         seed: int | None = None,
         deterministic: bool = False,
         episode_id: str | None = None,
-        refs: list[AgentRef] | None = None,
+        named: list[tuple[str | None, str | None]] | None = None,
     ) -> Response:
         kind = Kind.DETERMINISTIC if deterministic else Kind.SAMPLE
-        if refs is None:
-            refs = batch_agents(len(rows), episode_id, None, None)
-        decisions, _ = await decider.decide(rows, kind, seed, refs)
+        decisions, _ = await decider.decide(rows, kind, seed, batch_agents(len(rows), episode_id, named))
         results = [{"actions": a, "probability": p} for a, p in zip(decisions.actions, decisions.probabilities, strict=True)]
         return json_response({"results": results}, headers=_headers(served, decisions.version))
 
@@ -151,10 +149,10 @@ def _add_observation_routes(router: APIRouter, decider: Decider, place: Placemen
         deterministic: Annotated[bool, Query(description="The most likely actions instead of samples.")] = False,
         episode_id: EpisodeId = None,
     ) -> Response:
-        refs = batch_agents(len(batch.observations), episode_id, batch.episode_ids, batch.agent_ids)
         if not batch.observations:
             return json_response({"results": []}, headers={"X-Policy-Name": served.name})
-        return await answer_rows(encoder.encode(batch.observations), seed, deterministic, refs=refs)
+        named = episode_keys_of(batch.observations, spec)
+        return await answer_rows(encoder.encode(batch.observations), seed, deterministic, episode_id, named)
 
     router.add_api_route(
         "/predict_batch",
