@@ -14,6 +14,7 @@ bench/experience_writer.json; bench/run.py puts it in RESULTS.md.
 """
 
 import argparse
+import asyncio
 import gc
 import json
 import os
@@ -127,25 +128,33 @@ class Watch(threading.Thread):
         self.writer_cpu_s = thread_cpu_s(self.writer) or self.writer_cpu_s
 
 
-def measure(name: str, rows_per_piece: int, seconds: float, policy: Policy, spec: PolicySpec, folder: Path) -> Shape:
-    pieces, refs = pool(policy, spec, rows_per_piece, np.random.default_rng(rows_per_piece)), agents(rows_per_piece)
-    log = ExperienceLog(Experience(folder), spec.name)  # the defaults: flush every 1 s, 200,000 rows pending at most
-    log.start()
-    count = accepted = refused = 0
-    started = time.perf_counter()
-    watch = Watch(log, started)
-    watch.start()
-    while time.perf_counter() - started < seconds:
+async def produce(
+    log: ExperienceLog, spec: PolicySpec, pieces: list[tuple[np.ndarray, Decisions]], refs: list[list[AgentRef]], until: float
+) -> tuple[int, int]:
+    """Pieces into the log, as the routes put them, until `until` (perf_counter): (pieces, refusals)."""
+    count = refused = 0
+    while time.perf_counter() < until:
         try:
             log.admit()
         except ExperienceUnavailable:
             refused += 1
-            time.sleep(REFUSED_WAIT_S)
+            await asyncio.sleep(REFUSED_WAIT_S)
             continue
         rows, decisions = pieces[count % POOL]
-        log.record_steps(spec, refs[count % len(refs)], rows, decisions, deterministic=False)
+        await log.record_steps(spec, refs[count % len(refs)], rows, decisions, deterministic=False)
         count += 1
-        accepted += rows_per_piece
+    return count, refused
+
+
+def measure(name: str, rows_per_piece: int, seconds: float, policy: Policy, spec: PolicySpec, folder: Path) -> Shape:
+    pieces, refs = pool(policy, spec, rows_per_piece, np.random.default_rng(rows_per_piece)), agents(rows_per_piece)
+    log = ExperienceLog(Experience(folder), spec.name)  # the defaults: flush every 1 s, 200,000 rows pending at most
+    log.start()
+    started = time.perf_counter()
+    watch = Watch(log, started)
+    watch.start()
+    count, refused = asyncio.run(produce(log, spec, pieces, refs, started + seconds))
+    accepted = count * rows_per_piece
     produced_s = time.perf_counter() - started
     closing = time.perf_counter()
     log.close()

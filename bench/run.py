@@ -300,14 +300,13 @@ def configurations() -> list[Config]:
 
 
 def workloads(policy: str, episodes: bool = False) -> list[Workload]:
-    """/predict and /predict_batch; with `episodes`, naming them (a batch: one episode of BATCH_ROWS agents)."""
+    """/predict and /predict_batch; with `episodes`, naming them (a batch: the query's episode, each
+    observation its own agent)."""
     observation = MOUSE_OBSERVATION if policy.startswith("mouse") else {f"x{i}": 0.1 * i for i in range(24)}
-    batch: dict[str, object] = {"observations": [observation] * BATCH_ROWS}
-    if episodes:
-        batch["agent_ids"] = [f"a{i}" for i in range(BATCH_ROWS)]
+    batch = [observation | {"agent_id": f"a{i}"} for i in range(BATCH_ROWS)] if episodes else [observation] * BATCH_ROWS
     return [
         Workload("predict", "/predict", observation, 1, episodes),
-        Workload(f"batch{BATCH_ROWS}", "/predict_batch", batch, BATCH_ROWS, episodes),
+        Workload(f"batch{BATCH_ROWS}", "/predict_batch", {"observations": batch}, BATCH_ROWS, episodes),
     ]
 
 
@@ -953,8 +952,8 @@ EXPERIENCE_METHOD = f"""\
 set to a temporary directory the harness makes and removes: the policy logs with the defaults (a
 Parquet chunk per second, files rotated at 64 MiB or 60 minutes, 503 beyond 200,000 rows pending).
 Its requests name episodes: /predict?episode_id=c<k>, k taking the numbers of the c connections in
-turn (each episode's steps count up), and /predict_batch?episode_id=c0 with `agent_ids` a0 … a{BATCH_ROWS - 1}
-in the body (a step for each of {BATCH_ROWS} agents per request). It runs in the same interleaved rounds as
+turn (each episode's steps count up), and /predict_batch?episode_id=c0 whose observations name their
+`agent_id`, a0 … a{BATCH_ROWS - 1} (a step for each of {BATCH_ROWS} agents per request). It runs in the same interleaved rounds as
 `{LOGGING_OFF}`, whose requests are the same observations naming no episode. Rows logged per request are
 the rows the log took during a run (written and pending, from its /info) over the requests answered
 2xx: a little over 1 (or {BATCH_ROWS}), as wrk does not count the answers in flight when it stops. Errors

@@ -78,8 +78,9 @@ def test_the_episode_requests_name_one_episode_per_connection(tmp_path: Path) ->
 
 def test_the_batch_names_one_episode_of_distinct_agents() -> None:
     (_, batch) = run.workloads("mouse", episodes=True)
-    assert batch.episodes and len(set(batch.body["agent_ids"])) == len(batch.body["observations"]) == run.BATCH_ROWS  # type: ignore[index]
-    assert "agent_ids" not in run.workloads("mouse")[1].body  # type: ignore[operator]
+    observations = batch.body["observations"]  # type: ignore[index]
+    assert batch.episodes and len({observation["agent_id"] for observation in observations}) == len(observations) == run.BATCH_ROWS
+    assert all("agent_id" not in observation for observation in run.workloads("mouse")[1].body["observations"])  # type: ignore[index]
 
 
 def test_the_writer_script_reads_back_every_row(tmp_path: Path) -> None:
