@@ -2,12 +2,13 @@
 # make test:  run the whole test suite
 # make bench: the benchmark harness (writes bench/RESULTS.md; run it on an otherwise idle machine)
 # make soak:  64 clients for 10 minutes: no error, RSS and open files flat (writes bench/SOAK.md)
+# make soak-experience: the same with the policy logging experience, every request naming an episode
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test bench soak fuzz lint format
+.PHONY: install serve test bench soak soak-experience fuzz lint format
 
 install: $(VENV)/.installed
 
@@ -27,11 +28,16 @@ test: install
 bench: install
 	$(PY) -m pip install --quiet -r requirements-bench.txt
 	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install -y wrk"; exit 1; }
+	$(PY) bench/experience_writer.py
 	$(PY) bench/run.py
 
 soak: install
 	@command -v wrk >/dev/null || { echo "soak needs wrk: apt-get install -y wrk"; exit 1; }
 	$(PY) bench/soak.py
+
+soak-experience: install
+	@command -v wrk >/dev/null || { echo "soak needs wrk: apt-get install -y wrk"; exit 1; }
+	$(PY) bench/soak.py --experience
 
 # schemathesis, every check on, against real servers of the examples (and two test policies), at
 # the full count; the suite runs the same with fewer cases. Prints cases, failures and time of each.

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import experience_writer  # bench/experience_writer.py, as peers
 import httpx
 import peers  # bench/peers.py: this script's folder is first on sys.path
 import torch
@@ -65,6 +66,7 @@ class Workload:
     path: str
     body: object  # posted as JSON
     rows: int  # observations per request
+    episodes: bool = False  # each request names an episode: ?episode_id=c<k>, k taking each connection's number in turn
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Config:
     levels: tuple[int, ...] = ()  # /predict's concurrencies, when not those of the sweep (or c=1 and c=32)
     peer: str = ""  # a peer (bench/peers.py): run from its own venv, ready at its first 200 answer to requests[0]
     requests: tuple[Workload, ...] = ()  # its own routes and bodies, in place of `workloads(policy)`
+    experience: bool = False  # logs its decisions (into a temporary dir), and its requests name episodes
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Run:
     cold_ready_s: float | None = None
     switch_s: float | None = None  # from a version's rename into models/ to its being active (the switch rows)
     failure: str | None = None  # a peer that did not install or run here: why (its only row, no figures)
+    logged_per_request: float | None = None  # rows the experience log took per request answered 2xx (logging configurations)
 
 
 # --- policies to serve ------------------------------------------------------------------------
@@ -239,6 +243,13 @@ def configurations() -> list[Config]:
         Config("local-onnx", ours, "mouse_onnx", note="ours, the model as ONNX (onnxruntime)"),
         Config("local-no-batching", ours, "mouse_nobatch", note="ours, max_batch_size 1"),
         Config("local-no-metrics", ours, "mouse", {"POLICY_SERVER_METRICS": "off"}, note="ours, POLICY_SERVER_METRICS=off"),
+        Config(
+            "local-experience",
+            ours,
+            "mouse",
+            note="ours, defaults, logging experience (POLICY_SERVER_EXPERIENCE_DIR); every request names an episode",
+            experience=True,
+        ),
         Config("reference-mlp24", uvicorn("reference_server:app"), "mlp24_ts", note="reference, 24→64→64→4 MLP"),
         Config("local-mlp24", ours, "mlp24", note="ours, 24→64→64→4 MLP (.pt2)", cold_start=True),
         Config(
@@ -288,11 +299,14 @@ def configurations() -> list[Config]:
     ]
 
 
-def workloads(policy: str) -> list[Workload]:
+def workloads(policy: str, episodes: bool = False) -> list[Workload]:
+    """/predict and /predict_batch; with `episodes`, naming them (a batch: the query's episode, each
+    observation its own agent)."""
     observation = MOUSE_OBSERVATION if policy.startswith("mouse") else {f"x{i}": 0.1 * i for i in range(24)}
+    batch = [observation | {"agent_id": f"a{i}"} for i in range(BATCH_ROWS)] if episodes else [observation] * BATCH_ROWS
     return [
-        Workload("predict", "/predict", observation, 1),
-        Workload(f"batch{BATCH_ROWS}", "/predict_batch", {"observations": [observation] * BATCH_ROWS}, BATCH_ROWS),
+        Workload("predict", "/predict", observation, 1, episodes),
+        Workload(f"batch{BATCH_ROWS}", "/predict_batch", {"observations": batch}, BATCH_ROWS, episodes),
     ]
 
 
@@ -323,9 +337,12 @@ def server(config: Config, folder: Path, cache: Path) -> Iterator[tuple[str, sub
     started = time.perf_counter()
     # stderr to a file, not a pipe: a peer logs more than a pipe holds, and would stall on a full one.
     with (
-        tempfile.TemporaryDirectory(prefix="rt-", dir="/tmp") as ray_tmp,
+        tempfile.TemporaryDirectory(prefix="rt-", dir="/tmp") as ray_tmp,  # short: Ray's socket paths must fit
+        tempfile.TemporaryDirectory(prefix="experience-", dir=cache.parent) as experience,
         tempfile.TemporaryFile() as log,
-    ):  # short: Ray's socket paths must fit
+    ):
+        if config.experience:
+            env["POLICY_SERVER_EXPERIENCE_DIR"] = experience
         process = subprocess.Popen(
             (SERVER_CORES if config.pinned else []) + config.command(port),
             cwd=REPO,
@@ -385,9 +402,27 @@ def wrk_command(url: str, workload: Workload, concurrency: int, duration: int, s
     script.write_text(
         'wrk.method = "POST"\n'
         f'wrk.headers["Content-Type"] = "application/json"\nwrk.headers["access-token"] = "{API_KEY}"\n'
-        f'local f = io.open("{body}", "r"); wrk.body = f:read("*a"); f:close()\n'
+        f'local f = io.open("{body}", "r"); wrk.body = f:read("*a"); f:close()\n' + (episodes_lua(concurrency) if workload.episodes else "")
     )
     return [*WRK_CORE, "wrk", "-t1", f"-c{concurrency}", f"-d{duration}s", "--latency", "-s", str(script), url + workload.path]
+
+
+def episodes_lua(connections: int) -> str:
+    """Requests naming `connections` episodes, c0, c1, ..., in turn. wrk's Lua sees no connection,
+    but each connection has one request in flight: each episode gets every `connections`-th request."""
+    return (
+        "local requests, n = {}, 0\n"
+        "function init(args)\n"
+        f'  for i = 0, {connections - 1} do requests[i + 1] = wrk.format(nil, wrk.path .. "?episode_id=c" .. i) end\n'
+        "end\n"
+        "function request()\n  n = n % #requests + 1\n  return requests[n]\nend\n"
+    )
+
+
+def logged_rows(url: str) -> int:
+    """Rows the server's experience log has taken so far, written or pending (its /info)."""
+    state = httpx.get(f"{url}/info", headers={"access-token": API_KEY}, timeout=10).json()["experience"]
+    return int(state["written_rows"]) + int(state["pending_rows"])
 
 
 def parse_wrk(output: str) -> dict[str, float]:
@@ -398,11 +433,18 @@ def parse_wrk(output: str) -> dict[str, float]:
         return float(match.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
 
     rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    answered = re.search(r"^\s+(\d+) requests in ", output, re.MULTILINE)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     count = int(errors.group(1)) if errors else 0
     count += sum(int(n) for n in socket_errors.groups()) if socket_errors else 0
-    return {"requests_per_s": float(rate.group(1)) if rate else 0.0, "p50_ms": latency("50"), "p99_ms": latency("99"), "errors": count}
+    return {
+        "requests_per_s": float(rate.group(1)) if rate else 0.0,
+        "requests": int(answered.group(1)) if answered else 0,
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "errors": count,
+    }
 
 
 def tree_rss_mib(pid: int) -> float:
@@ -423,7 +465,7 @@ def tree_rss_mib(pid: int) -> float:
 def plan(config: Config, concurrencies: tuple[int, ...]) -> list[tuple[Workload, int]]:
     """The runs of a configuration: /predict at each concurrency, /predict_batch at c=1."""
     runs = []
-    for workload in config.requests or workloads(config.policy):
+    for workload in config.requests or workloads(config.policy, episodes=config.experience):
         if workload.rows > 1 and config.name == "raw-asgi":
             continue
         runs += [(workload, c) for c in (concurrencies if workload.rows == 1 else (1,))]
@@ -476,8 +518,12 @@ def measure(group: list[Config], folders: dict[str, Path], duration: int, scratc
                     todo = [w for w, c in plan(config, levels_of(config, concurrencies)) if (w.name, c) == (name, concurrency)]
                     if not todo:
                         continue
+                    logged = logged_rows(url) if config.experience else 0
                     result = wrk(url, todo[0], concurrency, max(1, duration // ROUNDS), scratch)
                     run = _run(config, todo[0], concurrency, result, process, ready_s, cold_ready_s)
+                    if config.experience:
+                        answered = result["requests"] - result["errors"]  # a refused request (503: the log is behind) logs nothing
+                        run = replace(run, logged_per_request=(logged_rows(url) - logged) / max(1, answered))
                     samples.setdefault((config.name, name, concurrency), []).append(run)
     order = [(config.name, w.name, c) for config in group for w, c in plan(config, levels_of(config, concurrencies))]
     return [_median(samples[key]) for key in order]
@@ -616,7 +662,8 @@ def reference_for(config: str) -> str:
     return "reference-mlp24" if config.endswith("mlp24") else "reference"
 
 
-def report(runs: list[Run], configs: list[Config], duration: int) -> str:
+def report(runs: list[Run], configs: list[Config], duration: int, writer: list[dict[str, Any]]) -> str:
+    """RESULTS.md: the runs, and `writer` (bench/experience_writer.py's figures) in the experience section."""
     by_key = {(r.config, r.workload, r.concurrency): r for r in runs}
     lines = [
         "# Benchmark results",
@@ -641,9 +688,10 @@ def report(runs: list[Run], configs: list[Config], duration: int) -> str:
             f"{run.p99_ms:.3f} | {ratio} | {p50} | {run.rss_mib:.0f} | {run.ready_s:.2f} | {run.errors} |"
         )
     lines += ["", "Configurations:", ""] + [f"- `{c.name}`: {c.note}" for c in configs]
-    lines += ["", "## Targets", "", *targets(by_key), *peer_targets(runs), ""]
+    lines += ["", "## Targets", "", *targets(by_key), *peer_targets(runs), *experience_targets(by_key, writer), ""]
     if any(run.config in REPOSITORY_CONFIGS for run in runs):
         lines += ["## Several policies, a version switch under load", "", REPOSITORY_METHOD, ""]
+    lines += experience_section(by_key, writer)
     lines += [(BENCH / "tuning.md").read_text().strip()]
     return "\n".join(lines) + "\n"
 
@@ -897,6 +945,70 @@ def repository_targets(by_key: dict[tuple[str, str, int], Run]) -> list[str]:
     return rows
 
 
+LOGGING_ON, LOGGING_OFF = "local-experience", "local"
+LOGGING_RATIO_TARGET = 0.9
+EXPERIENCE_METHOD = f"""\
+`{LOGGING_ON}` is `{LOGGING_OFF}` (the same server, policy and core) with POLICY_SERVER_EXPERIENCE_DIR
+set to a temporary directory the harness makes and removes: the policy logs with the defaults (a
+Parquet chunk per second, files rotated at 64 MiB or 60 minutes, 503 beyond 200,000 rows pending).
+Its requests name episodes: /predict?episode_id=c<k>, k taking the numbers of the c connections in
+turn (each episode's steps count up), and /predict_batch?episode_id=c0 whose observations name their
+`agent_id`, a0 … a{BATCH_ROWS - 1} (a step for each of {BATCH_ROWS} agents per request). It runs in the same interleaved rounds as
+`{LOGGING_OFF}`, whose requests are the same observations naming no episode. Rows logged per request are
+the rows the log took during a run (written and pending, from its /info) over the requests answered
+2xx: a little over 1 (or {BATCH_ROWS}), as wrk does not count the answers in flight when it stops. Errors
+are the log's refusals (503 while 200,000 rows wait for the disk): it takes at most that many rows
+per flush interval, so {BATCH_ROWS}-row batches faster than ~195 a second are refused in part.
+
+The writer alone is `bench/experience_writer.py` (`make bench` runs it first): the log in one
+process, its real writer thread writing Parquet into a temporary directory, fed by a producer that
+calls `admit()` and `record_steps()` as the routes do, with the default example's real decisions on
+random observations, for a fixed time per shape (1,024-row pieces as a /predict_batch naming 1,024
+agents makes, 1-row pieces as /predict makes); a refused admission waits 1 ms, as a client told 503
+would. Rows/s written are the rows read back from the files (counted: the script fails if they are
+not every row accepted) over the time until the flush that wrote the last of them; close is the last
+flush plus merging the chunks into one file; writer CPU is its thread's (from /proc), so rows per
+writer CPU second is what the writer itself can do; bytes/row is the files' size (zstd) over the rows.
+Two limits other than the writer show: the 1,024-row shape is accepted at most at 200,000 rows (the
+pending bound) per flush interval, and the 1-row shape is fed by one Python thread sharing the GIL
+with the writer."""
+
+
+def experience_section(by_key: dict[tuple[str, str, int], Run], writer: list[dict[str, Any]]) -> list[str]:
+    """Logging on against off, in the same rounds, and the writer's own rate."""
+    pairs = [(key, on, by_key.get((LOGGING_OFF, *key[1:]))) for key, on in by_key.items() if key[0] == LOGGING_ON]
+    if not pairs and not writer:
+        return []
+    lines = [
+        "## Experience logging (issue 14)",
+        "",
+        "| workload | c | logging off req/s | logging on req/s | on ÷ off | p50 ms off / on | p99 ms off / on | rows logged per request | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for (_, workload, c), on, off in pairs:
+        ratio = f"{on.requests_per_s / off.requests_per_s:.2f}×" if off and off.requests_per_s else "–"
+        p50 = f"{off.p50_ms:.3f} / {on.p50_ms:.3f}" if off else f"– / {on.p50_ms:.3f}"
+        p99 = f"{off.p99_ms:.3f} / {on.p99_ms:.3f}" if off else f"– / {on.p99_ms:.3f}"
+        logged = f"{on.logged_per_request:,.3f}" if on.logged_per_request is not None else "–"
+        off_rate = f"{off.requests_per_s:,.0f}" if off else "–"
+        lines.append(f"| {workload} | {c} | {off_rate} | {on.requests_per_s:,.0f} | {ratio} | {p50} | {p99} | {logged} | {on.errors} |")
+    if writer:
+        lines += ["", "The writer alone (`bench/experience_writer.py`):", "", *experience_writer.section(writer)]
+    return [*lines, "", EXPERIENCE_METHOD, ""]
+
+
+def experience_targets(by_key: dict[tuple[str, str, int], Run], writer: list[dict[str, Any]]) -> list[str]:
+    """Issue 14's: logging costs at most 10 % of /predict's throughput at c=1 and c=32; the writer's rate."""
+    rows = []
+    for c in (1, 32):
+        on, off = by_key.get((LOGGING_ON, "predict", c)), by_key.get((LOGGING_OFF, "predict", c))
+        if on and off and off.requests_per_s:
+            ratio = on.requests_per_s / off.requests_per_s
+            figure = f"{ratio:.2f}× ({on.requests_per_s:,.0f} against {off.requests_per_s:,.0f} req/s)"
+            rows.append(check(f"/predict logging on ≥ {LOGGING_RATIO_TARGET}× logging off at c={c}", ratio >= LOGGING_RATIO_TARGET, figure))
+    return rows + [check(label, met, figure) for label, met, figure in experience_writer.targets(writer)]
+
+
 def plot(runs: list[Run], target: Path) -> None:
     import matplotlib
 
@@ -951,7 +1063,7 @@ def main() -> None:
     concurrencies = (1, 32) if args.no_sweep else SWEEP
     if args.from_results:
         runs = read_runs(args.out / "results.json")
-        (args.out / "RESULTS.md").write_text(report(runs, configs, args.duration))
+        (args.out / "RESULTS.md").write_text(report(runs, configs, args.duration, experience_writer.read(args.out)))
         plot(runs, args.plot)
         print(f"wrote {args.out / 'RESULTS.md'} from its results.json")
         return
@@ -974,7 +1086,7 @@ def main() -> None:
         configs = [c for c in configurations() if c.name in {r.config for r in runs}]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
-    (args.out / "RESULTS.md").write_text(report(runs, configs, args.duration))
+    (args.out / "RESULTS.md").write_text(report(runs, configs, args.duration, experience_writer.read(args.out)))
     if not args.no_sweep:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot(runs, args.plot)
