@@ -173,6 +173,7 @@ def test_outcomes_reward_the_last_action_and_end_the_episode(tmp_path: Path) -> 
         no_reward = client.post("/experience", json={"episode_id": "e"}, headers=AUTH)
         unauthorised = client.post("/experience", json={"episode_id": "e", "reward": 1})
     assert first.json() == {"episode_id": "e", "agent_id": "", "step": 1, "version": "1", "ended": False}
+    assert first.headers["X-Policy-Name"] == "mouse_and_cheese"
     assert last.json()["ended"] is True
     assert after.status_code == 409 and "has ended" in after.json()["detail"]
     assert unknown.status_code == 404 and "unknown episode 'nope'" in unknown.json()["detail"]

@@ -119,7 +119,7 @@ def add_experience_routes(router: APIRouter, decider: Decider, place: "Placement
         ends = outcome.terminated or outcome.truncated
         rewarded = await log.record_outcome(ref, Outcome(outcome.reward, outcome.terminated, outcome.truncated, row, info))
         answer = OutcomeAnswer(episode_id=ref.episode_id, agent_id=ref.agent_id, step=rewarded.step, version=rewarded.version, ended=ends)
-        return json_response(answer.model_dump())
+        return json_response(answer.model_dump(), headers={"X-Policy-Name": decider.served.name})  # counted under its policy
 
     router.add_api_route(
         "/experience",
