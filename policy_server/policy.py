@@ -59,6 +59,9 @@ class Decisions:
     # of ==, which they follow from (the experience tests compare them as logged).
     head_probabilities: np.ndarray | None = field(default=None, compare=False)
     head_log_probabilities: np.ndarray | None = field(default=None, compare=False)
+    # `actions` as one [rows, values] array, for the experience log: its steps wait for a flush
+    # (up to a second), and a list per row would be one more object for every collection to scan.
+    action_values: np.ndarray | None = field(default=None, compare=False)
 
     def take(self, rows: Sequence[int]) -> "Decisions":
         """The decisions of these rows only."""
@@ -70,6 +73,7 @@ class Decisions:
             self.version,
             None if head_p is None else head_p[index],
             None if head_logp is None else head_logp[index],
+            None if self.action_values is None else self.action_values[index],
         )
 
 
@@ -290,10 +294,10 @@ def _decide(parameters: list[HeadParameters], batch: int, rng: random.Random | N
             if p.std is not None:
                 head_log_probabilities[:, index] = gaussian_log_density(values, p.mean, p.std)
             columns.append(_clip(values, p.head))
-    actions = np.concatenate(columns, axis=1).tolist()
+    action_values = np.concatenate(columns, axis=1)
     discrete = parameters[0].probabilities is not None
     joint = head_probabilities.prod(axis=1).tolist() if discrete else [None] * batch
-    return Decisions(actions, joint, version, head_probabilities, head_log_probabilities)
+    return Decisions(action_values.tolist(), joint, version, head_probabilities, head_log_probabilities, action_values)
 
 
 def gaussian_log_density(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:

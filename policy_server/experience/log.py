@@ -71,17 +71,18 @@ class ExperienceLog:
     ) -> list[int]:
         """Log one request's decisions, row by row; the step index of each."""
         assert decisions.head_probabilities is not None and decisions.head_log_probabilities is not None
+        assert decisions.action_values is not None
         steps = [self.book.step(ref, decisions.version) for ref in refs]
         if self.shared is not None and 0 in steps:  # known to the other processes before the answer leaves
             await self.shared.begin([ref for ref, step in zip(refs, steps, strict=True) if step == 0])
         now = time.time_ns() // 1000
         piece = StepPiece(
-            [ref.episode_id for ref in refs],
-            [ref.agent_id for ref in refs],
-            steps,
+            tuple([ref.episode_id for ref in refs]),
+            tuple([ref.agent_id for ref in refs]),
+            tuple(steps),
             now,
             rows,
-            decisions.actions,
+            decisions.action_values,
             decisions.head_probabilities,
             decisions.head_log_probabilities,
             deterministic,

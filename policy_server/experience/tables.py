@@ -13,14 +13,16 @@ from policy_server.schema import PolicySpec
 
 @dataclass(frozen=True)
 class StepPiece:
-    """One request's decisions: its rows and what was answered, with each row's ids and step."""
+    """One request's decisions: its rows and what was answered, with each row's ids and step.
+    Tuples, not lists: a piece waits up to a flush interval, and the collector stops tracking a
+    tuple of strings or numbers the first time it sees one (a list, every collection rescans)."""
 
-    episode_ids: list[str]
-    agent_ids: list[str]
-    steps: list[int]
+    episode_ids: tuple[str, ...]
+    agent_ids: tuple[str, ...]
+    steps: tuple[int, ...]
     time_us: int
     rows: np.ndarray  # [n, input width] float32
-    actions: list[list[float]]
+    actions: np.ndarray  # [n, values]: as answered
     head_probabilities: np.ndarray  # [n, heads], NaN where none
     head_log_probabilities: np.ndarray
     deterministic: bool
@@ -55,9 +57,10 @@ class StepTable:
         n = len(rows)
         head_p = np.concatenate([piece.head_probabilities for piece in pieces])
         head_logp = np.concatenate([piece.head_log_probabilities for piece in pieces])
-        actions = np.array([action for piece in pieces for action in piece.actions], dtype=np.float64).reshape(n, -1)
-        times = np.concatenate([np.full(len(piece.rows), piece.time_us, dtype=np.int64) for piece in pieces])
-        deterministic = np.concatenate([np.full(len(piece.rows), piece.deterministic) for piece in pieces])
+        actions = np.concatenate([piece.actions for piece in pieces]).astype(np.float64, copy=False).reshape(n, -1)
+        lengths = np.fromiter((len(piece.rows) for piece in pieces), np.int64, len(pieces))
+        times = np.repeat(np.fromiter((piece.time_us for piece in pieces), np.int64, len(pieces)), lengths)
+        deterministic = np.repeat(np.fromiter((piece.deterministic for piece in pieces), np.bool_, len(pieces)), lengths)
         columns = {
             "episode_id": pa.array([e for piece in pieces for e in piece.episode_ids], pa.string()),
             "agent_id": pa.array([a for piece in pieces for a in piece.agent_ids], pa.string()),

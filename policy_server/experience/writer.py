@@ -12,6 +12,7 @@ again at the next interval; meanwhile `refusal()` says why, and the log refuses 
 (503) rather than accept rows it may not keep. Pending rows are bounded the same way.
 """
 
+import contextlib
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ logger = logging.getLogger("policy_server")
 TableOf = Callable[[Sequence[Any]], pa.Table]  # a partition's pending pieces → one table
 _COMPRESSION = "zstd"
 _HIDDEN = "_"  # readers skip files starting with "_" or "."
+_MERGED_ROW_GROUP = 524_288  # rows: a merge holds at most this many (and one chunk) in memory at a time
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,10 @@ class ExperienceWriter:
         self._wake = threading.Event()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"experience-{name}", daemon=True)
+        # pyarrow imports pandas (when installed) at its first conversion: let that be now, as the
+        # server starts and before it freezes its start-up objects (gc.freeze), not at the first
+        # flush under load (~1 s on this thread, then every full collection rescanning pandas).
+        pa.array([0])
 
     def start(self) -> None:
         self._thread.start()
@@ -199,22 +205,37 @@ def _process_tag() -> str:
     return f"{host}-{os.getpid()}-{time.time_ns() // 1_000_000}"
 
 
-def _write_whole(table: pa.Table, path: Path) -> None:
-    """Write under a hidden name, then rename: the final name only ever holds a whole file."""
+@contextlib.contextmanager
+def _whole(path: Path) -> Iterator[Path]:
+    """Write under a hidden name, renamed to `path` once written: the final name only ever holds a
+    whole file."""
     hidden = path.with_name(f"{_HIDDEN}{path.name}.tmp")
     try:
-        pq.write_table(table, hidden, compression=_COMPRESSION)
+        yield hidden
         os.replace(hidden, path)
     except OSError:
         hidden.unlink(missing_ok=True)
         raise
 
 
+def _write_whole(table: pa.Table, path: Path) -> None:
+    with _whole(path) as hidden:
+        pq.write_table(table, hidden, compression=_COMPRESSION)
+
+
 def _merge(chunks: list[Path], final: Path) -> None:
+    """The chunks into one file, in row groups of about _MERGED_ROW_GROUP rows: a segment of
+    `rotate_mb` holds millions of rows, and read whole it took ~280 bytes of memory per row."""
     if len(chunks) == 1:
         os.replace(chunks[0], final)
         return
-    _write_whole(pa.concat_tables([pq.read_table(chunk) for chunk in chunks]), final)
+    with _whole(final) as hidden, pq.ParquetWriter(hidden, pq.read_schema(chunks[0]), compression=_COMPRESSION) as merged:
+        buffered: list[pa.Table] = []
+        for index, chunk in enumerate(chunks):
+            buffered.append(pq.read_table(chunk))
+            if index == len(chunks) - 1 or sum(table.num_rows for table in buffered) >= _MERGED_ROW_GROUP:
+                merged.write_table(pa.concat_tables(buffered))
+                buffered = []
     for chunk in chunks:
         chunk.unlink(missing_ok=True)
 
