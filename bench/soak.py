@@ -155,6 +155,7 @@ def soak(minutes: float, clients: int, scratch: Path, logging: bool) -> Soak:
             )
             print(record.slices[-1], flush=True)
         peaks.stopped.set()
+        peaks.join()  # before the server stops: it may be asking /info
     if logging:  # the server has stopped: it wrote what was pending and merged its files
         record.rows_on_disk = ds.dataset(experience / "steps", format="parquet", partitioning="hive").count_rows()
     return record
