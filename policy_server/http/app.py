@@ -28,6 +28,7 @@ from policy_server.http.admin import admin_router
 from policy_server.http.context import Limits, SDKOptions, ServerContext
 from policy_server.http.errors import install_error_handlers
 from policy_server.http.middleware import BodyGuard, CanonicalPath
+from policy_server.http.oip_routes import server_routes
 from policy_server.http.service import metrics_router, service_router
 from policy_server.http.table import AppRouteTable
 from policy_server.json_io import OrjsonRoute
@@ -79,6 +80,7 @@ def create_app(
     add_offline_docs(app)
     app.include_router(service_router(server))
     app.include_router(admin_router(server))
+    app.router.routes.extend(server_routes(lambda: registry.ready and not server.drain.draining))
     if metrics is not None:
         app.include_router(metrics_router(metrics))
         metrics.add_collector(ExperienceCollector(server.experience))

@@ -1,4 +1,5 @@
-"""Every `{"detail": ...}` answer the server gives, built here: the one place errors become answers.
+"""Every `{"detail": ...}` answer the server gives (and the OIP routes' `{"error": ...}`), built
+here: the one place errors become answers.
 
 Route handlers and the policy raise (`InputError`, `PolicyFailure`, `Overloaded`, FastAPI's
 validation and HTTP errors); the handlers installed by `install_error_handlers` answer them, and
@@ -23,6 +24,7 @@ from policy_server.admission import Overloaded
 from policy_server.errors import InputError, PolicyFailure
 from policy_server.experience.errors import EpisodeError, ExperienceUnavailable
 from policy_server.json_io import json_response
+from policy_server.oip.errors import OipError
 from policy_server.redaction import redact
 
 logger = logging.getLogger("policy_server")
@@ -51,6 +53,14 @@ def policy_error_response(exc: PolicyError) -> Response:
     if isinstance(exc, EpisodeError):
         return detail_response(exc.status, str(exc))
     return detail_response(500, f"The policy failed on this request; the server log has the details under error id {exc.error_id}.")
+
+
+def oip_error_response(exc: OipError) -> Response:
+    """The Open Inference Protocol's error form, `{"error": message}`, for its REST routes."""
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+    if exc.status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return json_response({"error": exc.message}, status_code=exc.status, headers=headers)
 
 
 async def send_error(send: Send, status: int, detail: Any, headers: Mapping[str, str] | None = None) -> None:

@@ -10,9 +10,13 @@ from fastapi import FastAPI
 from starlette.routing import BaseRoute
 
 from policy_server.http.context import ServerContext
+from policy_server.http.experience_routes import Decider
+from policy_server.http.keys import KeyCheck
+from policy_server.http.oip_routes import model_routes, unknown_model_route
 from policy_server.http.policy_routes import Placement, policy_routers
 from policy_server.http.sdk_routes import OpenAPI, PolicySDKs, add_sdk_routes
 from policy_server.lifecycle import ServedPolicy
+from policy_server.oip.models import OipModel, OipModels
 
 POLICIES_PREFIX = "/policies/"
 
@@ -28,16 +32,21 @@ class AppRouteTable:
         self.root: list[BaseRoute] = []
         self.by_policy: dict[str, list[BaseRoute]] = {}
         self.sdks: dict[str, PolicySDKs] = {}  # "" : the root's
+        self.oip = OipModels()  # what the OIP routes (REST here, gRPC) serve
+        self.oip_tail = unknown_model_route(self.oip)
 
     def install(self, served: ServedPolicy) -> None:
         key = self.key_of(served)
-        self.by_policy[served.name] = self._routes(served, key, Placement.under_policies(served.name))
+        model = OipModel(Decider(served, self.server.experience.for_policy(served.spec)), None if key is None else KeyCheck(key))
+        self.oip.put(model)
+        self.by_policy[served.name] = [*self._routes(served, key, Placement.under_policies(served.name)), *model_routes(model)]
         if served.name == self.server.registry.default_name:
             self.root = self._routes(served, key, Placement.root())
         self._publish()
 
     def remove(self, name: str) -> None:
         self.by_policy.pop(name, None)
+        self.oip.remove(name)
         if name == self.server.registry.default_name:
             self.root = []
         self._publish()
@@ -60,7 +69,8 @@ class AppRouteTable:
         return [route for router in routers for route in router.routes]
 
     def _publish(self) -> None:
-        routes = [*self.root, *self.fixed, *(route for routes in self.by_policy.values() for route in routes)]
+        policies = (route for routes in self.by_policy.values() for route in routes)
+        routes = [*self.root, *self.fixed, *policies, self.oip_tail]
         self.app.router.routes = routes
         self.app.openapi_schema = None  # made again from the new table on the next /openapi.json
 
