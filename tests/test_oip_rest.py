@@ -136,9 +136,13 @@ def triton_python() -> Path:
 
 
 @pytest.mark.parametrize("example", list(BATCHES))
-def test_tritonclient_http_json_and_binary_answer_as_the_typed_routes(example: str, servers: dict[str, Server], triton_python: Path) -> None:
+def test_tritonclient_http_json_and_binary_answer_as_the_typed_routes(
+    example: str, servers: dict[str, Server], triton_python: Path
+) -> None:
     server, batch = servers[example], BATCHES[example]
-    answers = run_client(triton_python, TRITON_HTTP_SCRIPT, server.url.removeprefix("http://"), API_KEY, example, json.dumps(batch), str(SEED))
+    answers = run_client(
+        triton_python, TRITON_HTTP_SCRIPT, server.url.removeprefix("http://"), API_KEY, example, json.dumps(batch), str(SEED)
+    )
     typed = typed_answers(server, batch)
     discrete = example != "pendulum"
     assert (answers["live"], answers["ready"], answers["model_ready"]) == (True, True, True)
@@ -147,13 +151,14 @@ def test_tritonclient_http_json_and_binary_answer_as_the_typed_routes(example: s
     for form in ("json", "binary"):
         assert_same_decisions(answers[form]["sampled"], typed["sampled"], discrete)
         assert_same_decisions(answers[form]["deterministic"], typed["deterministic"], discrete)
+        # /distribution runs one row at a time: float32 sums differ a little from a batch's
         for index, head in enumerate(typed["distributions"][0]):
             if discrete:
                 expected = [row[index]["probabilities"] for row in typed["distributions"]]
-                assert np.allclose(answers[form]["sampled"][f"{head['name']}_probabilities"], expected, rtol=1e-6, atol=1e-9)  # /distribution runs one row at a time: float32 sums differ by batch
+                assert np.allclose(answers[form]["sampled"][f"{head['name']}_probabilities"], expected, rtol=1e-6, atol=1e-9)
             else:
                 expected = [row[index]["mean"] for row in typed["distributions"]]
-                assert np.allclose(answers[form]["sampled"][f"{head['name']}_mean"], expected, rtol=1e-6, atol=1e-9)  # /distribution runs one row at a time: float32 sums differ by batch
+                assert np.allclose(answers[form]["sampled"][f"{head['name']}_mean"], expected, rtol=1e-6, atol=1e-9)
     status, message = answers["wrong_key"]
     assert status == "403" and "Wrong api key" in message and API_KEY not in message
 
@@ -202,7 +207,9 @@ def test_kserve_rest_client_answers_as_the_typed_routes(servers: dict[str, Serve
 # --- by hand: the routes, every bad tensor, auth ------------------------------------------------
 
 
-def infer(server: Server, body: Any, *, headers: dict[str, str] | None = None, path: str = "/v2/models/tuple_masking/infer") -> httpx.Response:
+def infer(
+    server: Server, body: Any, *, headers: dict[str, str] | None = None, path: str = "/v2/models/tuple_masking/infer"
+) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(server.url + path, content=content, headers={**AUTH, **(headers or {})})
 
@@ -224,19 +231,28 @@ BAD_TENSORS = {
     "under the minimum": (with_input(TUPLE_BATCH, "job_size", data=[0.4, 1.0, 1.0]), "outside [0.5, 1.5]"),
     "beyond float32": (with_input(TUPLE_BATCH, "urgency", datatype="FP64", data=[1e300, 0.0, 0.0]), "outside [0, 1]"),
     "a negative dimension": (with_input(TUPLE_BATCH, "urgency", shape=[-3]), "non-negative integers"),
-    "unknown input": ({"inputs": [*json_inputs(TUPLE_BATCH), {"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2, 3]}]}, "unknown input 'x'"),
+    "unknown input": (
+        {"inputs": [*json_inputs(TUPLE_BATCH), {"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2, 3]}]},
+        "unknown input 'x'",
+    ),
     "missing input": ({"inputs": json_inputs(TUPLE_BATCH)[1:]}, "missing input 'queue_lengths'"),
     "batches apart": (with_input(TUPLE_BATCH, "urgency", shape=[2], data=[0.1, 0.2]), "different batch sizes [2, 3]"),
     "no inputs": ({"outputs": []}, "no 'inputs'"),
     "not JSON": (b"{inputs", "not valid JSON"),
     "unknown output": ({**with_input(TUPLE_BATCH, "urgency"), "outputs": [{"name": "value"}]}, "unknown output 'value'"),
     "a seed of text": ({**with_input(TUPLE_BATCH, "urgency"), "parameters": {"seed": "7"}}, "parameter 'seed' must be an integer"),
-    "deterministic as text": ({**with_input(TUPLE_BATCH, "urgency"), "parameters": {"deterministic": "yes"}}, "'deterministic' must be true or false"),
+    "deterministic as text": (
+        {**with_input(TUPLE_BATCH, "urgency"), "parameters": {"deterministic": "yes"}},
+        "'deterministic' must be true or false",
+    ),
     "all of a head masked": (
         with_input(TUPLE_BATCH, "actionMask", data=[[False, False, True, True, True]] * 3),
         "the action mask allows no action of head 'machine'",
     ),
-    "a raw row too short": ({"inputs": [{"name": "obs", "shape": [1, 3], "datatype": "FP32", "data": [0.0, 0.0, 0.0]}]}, "is not [batch, 10]"),
+    "a raw row too short": (
+        {"inputs": [{"name": "obs", "shape": [1, 3], "datatype": "FP32", "data": [0.0, 0.0, 0.0]}]},
+        "is not [batch, 10]",
+    ),
 }
 
 
@@ -290,7 +306,12 @@ def test_binary_outputs_come_after_the_json_header(servers: dict[str, Server]) -
             "id": "request-7",
         }
     ).encode()
-    answer = infer(server, header + rows.tobytes(), headers={"Inference-Header-Content-Length": str(len(header))}, path="/v2/models/mouse_and_cheese/infer")
+    answer = infer(
+        server,
+        header + rows.tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(header))},
+        path="/v2/models/mouse_and_cheese/infer",
+    )
     assert answer.status_code == 200 and answer.headers["content-type"] == "application/octet-stream"
     length = int(answer.headers["inference-header-content-length"])
     document = json.loads(answer.content[:length])
@@ -315,7 +336,10 @@ def test_server_and_model_routes(servers: dict[str, Server]) -> None:
         assert metadata["versions"] == ["1"]
         assert {"name": "actions", "datatype": "INT64", "shape": [-1, 1]} in metadata["outputs"]
         assert {"name": "mouse_row", "datatype": "FP32", "shape": [-1]} in metadata["inputs"]
-        assert client.get("/v2/models/mouse_and_cheese/versions/1/ready", headers=AUTH).json() == {"name": "mouse_and_cheese", "ready": True}
+        assert client.get("/v2/models/mouse_and_cheese/versions/1/ready", headers=AUTH).json() == {
+            "name": "mouse_and_cheese",
+            "ready": True,
+        }
         unknown_version = client.get("/v2/models/mouse_and_cheese/versions/4", headers=AUTH)
         assert unknown_version.status_code == 404 and "no version '4'" in unknown_version.json()["error"]
         unknown = client.post("/v2/models/nothing/infer", headers=AUTH, content=b"{}")
@@ -330,3 +354,17 @@ def test_server_and_model_routes(servers: dict[str, Server]) -> None:
         )
         assert bearer.status_code == 200 and bearer.headers["x-policy-name"] == "mouse_and_cheese"
     assert API_KEY not in server.read_log()
+
+
+def test_a_sequence_id_names_the_episode_logged(tmp_path: Path) -> None:
+    """tritonclient's sequence_id is the episode of the experience log: the reward finds its step."""
+    port = free_port()
+    env = {"POLICY_SERVER_EXPERIENCE_DIR": str(tmp_path / "experience")}
+    observation = {"inputs": [{"name": "obs", "shape": [1, 6], "datatype": "FP32", "data": [0, 0, -2, -3, 2, 3]}]}
+    with running_server(serve_command(EXAMPLES / "mouse_and_cheese", port), port, cwd=REPO, env=env) as server:
+        path = "/v2/models/mouse_and_cheese/infer"
+        for _ in range(2):
+            assert infer(server, {**observation, "parameters": {"sequence_id": 42, "sequence_start": True}}, path=path).status_code == 200
+        assert infer(server, {**observation, "parameters": {"sequence_id": -1}}, path=path).status_code == 400
+        reward = httpx.post(server.url + "/experience", headers=AUTH, json={"episode_id": "42", "reward": 1.0, "terminated": True})
+        assert reward.status_code == 200 and reward.json()["step"] == 1 and reward.json()["ended"] is True
