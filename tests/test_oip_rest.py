@@ -353,6 +353,9 @@ def test_server_and_model_routes(servers: dict[str, Server]) -> None:
             json={"inputs": [{"name": "obs", "shape": [1, 6], "datatype": "INT32", "data": [[0, 0, -2, -3, 2, 3]]}]},
         )
         assert bearer.status_code == 200 and bearer.headers["x-policy-name"] == "mouse_and_cheese"
+        metrics = client.get("/metrics").text
+        assert 'route="/v2/models/mouse_and_cheese/infer",status="200"' in metrics
+        assert 'route="/v2/models/{name}/{rest:path}",status="404"' in metrics
     assert API_KEY not in server.read_log()
 
 

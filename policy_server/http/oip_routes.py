@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from starlette.datastructures import Headers
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Receive, Scope, Send
 
 from policy_server.http.errors import POLICY_ERRORS, oip_error_response
@@ -60,6 +60,20 @@ class OipEndpoint:
             raise OipError(*refusal)
 
 
+class OipRoute(Route):
+    """A route that names itself in the scope, as FastAPI's routes do: the request metrics count
+    it under its path. Out of the OpenAPI schema."""
+
+    def __init__(self, path: str, endpoint: OipEndpoint, *methods: str) -> None:
+        super().__init__(path, endpoint, methods=list(methods), include_in_schema=False)
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
+
+
 def server_routes(is_ready: Callable[[], bool]) -> list[BaseRoute]:
     """`/v2` and the health routes: no key, they are what a load balancer probes."""
 
@@ -74,20 +88,21 @@ def server_routes(is_ready: Callable[[], bool]) -> list[BaseRoute]:
         return _json(200 if up else 503, {"ready": up})
 
     return [
-        Route("/v2", OipEndpoint(metadata), methods=["GET"], include_in_schema=False),
-        Route("/v2/health/live", OipEndpoint(live), methods=["GET"], include_in_schema=False),
-        Route("/v2/health/ready", OipEndpoint(ready), methods=["GET"], include_in_schema=False),
+        OipRoute("/v2", OipEndpoint(metadata), "GET"),
+        OipRoute("/v2/health/live", OipEndpoint(live), "GET"),
+        OipRoute("/v2/health/ready", OipEndpoint(ready), "GET"),
     ]
 
 
-def unknown_model_route(models: OipModels) -> BaseRoute:
+def unknown_model_routes(models: OipModels) -> list[BaseRoute]:
     """Last in the table: the answer for a model no policy serves (or a route no model has)."""
 
     async def unknown(scope: Scope, body: bytes) -> Answer:
         models.get(scope["path_params"]["name"])  # the 404 naming the models served
         raise OipError(404, f"No OIP route {scope['method']} {scope['path']}: see the README's OIP section for the routes.")
 
-    return Route("/v2/models/{name}/{rest:path}", OipEndpoint(unknown), methods=["GET", "POST"], include_in_schema=False)
+    endpoint = OipEndpoint(unknown)
+    return [OipRoute(path, endpoint, "GET", "POST") for path in ("/v2/models/{name}", "/v2/models/{name}/{rest:path}")]
 
 
 def model_routes(model: OipModel) -> list[BaseRoute]:
@@ -113,9 +128,9 @@ def model_routes(model: OipModel) -> list[BaseRoute]:
     routes: list[BaseRoute] = []
     for prefix in (base, base + "/versions/{version}"):
         routes += [
-            Route(prefix, OipEndpoint(metadata, model), methods=["GET"], include_in_schema=False),
-            Route(prefix + "/ready", OipEndpoint(ready, model), methods=["GET"], include_in_schema=False),
-            Route(prefix + "/infer", OipEndpoint(infer, model, reads_body=True), methods=["POST"], include_in_schema=False),
+            OipRoute(prefix, OipEndpoint(metadata, model), "GET"),
+            OipRoute(prefix + "/ready", OipEndpoint(ready, model), "GET"),
+            OipRoute(prefix + "/infer", OipEndpoint(infer, model, reads_body=True), "POST"),
         ]
     return routes
 

@@ -12,7 +12,7 @@ from starlette.routing import BaseRoute
 from policy_server.http.context import ServerContext
 from policy_server.http.experience_routes import Decider
 from policy_server.http.keys import KeyCheck
-from policy_server.http.oip_routes import model_routes, unknown_model_route
+from policy_server.http.oip_routes import model_routes, unknown_model_routes
 from policy_server.http.policy_routes import Placement, policy_routers
 from policy_server.http.sdk_routes import OpenAPI, PolicySDKs, add_sdk_routes
 from policy_server.lifecycle import ServedPolicy
@@ -33,7 +33,7 @@ class AppRouteTable:
         self.by_policy: dict[str, list[BaseRoute]] = {}
         self.sdks: dict[str, PolicySDKs] = {}  # "" : the root's
         self.oip = OipModels()  # what the OIP routes (REST here, gRPC) serve
-        self.oip_tail = unknown_model_route(self.oip)
+        self.oip_tail = unknown_model_routes(self.oip)
 
     def install(self, served: ServedPolicy) -> None:
         key = self.key_of(served)
@@ -70,7 +70,7 @@ class AppRouteTable:
 
     def _publish(self) -> None:
         policies = (route for routes in self.by_policy.values() for route in routes)
-        routes = [*self.root, *self.fixed, *policies, self.oip_tail]
+        routes = [*self.root, *self.fixed, *policies, *self.oip_tail]
         self.app.router.routes = routes
         self.app.openapi_schema = None  # made again from the new table on the next /openapi.json
 
