@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from policy_server.admission import Admission
+    from policy_server.policy import Decisions
 
 disable_created_metrics()  # the *_created series double the output and no dashboard reads them
 
@@ -249,15 +250,29 @@ class PolicyMetrics:
         observations.add(self._batch_size, rows)
         observations.add(self._inference, seconds)
 
-    def count_actions(self, actions: Sequence[Sequence[Any]], version: str) -> None:
-        """Count the discrete actions of each row (continuous actions have no label to count)."""
+    def count_actions(self, decisions: "Decisions") -> None:
+        """Count the discrete actions of each row (continuous actions have no label to count):
+        a batch's with one bincount per head, not a Python step per row."""
         observations = self.metrics.observations
-        for head, counters in enumerate(self._action_counters.get(version, ())):
-            if len(actions) == 1:
+        heads = self._action_counters.get(decisions.version, ())
+        values = decisions.action_values
+        actions = decisions.actions
+        if len(actions) == 1:
+            for head, counters in enumerate(heads):
                 observations.add(counters[actions[0][head]])
-            else:
+        elif values is None:
+            for head, counters in enumerate(heads):
                 for action, count in Tally(map(itemgetter(head), actions)).items():
                     observations.add(counters[action], count)
+        else:
+            self._count_columns(heads, values)
+
+    def _count_columns(self, heads: Sequence[list[Any]], values: np.ndarray) -> None:
+        observations = self.metrics.observations
+        for head, counters in enumerate(heads):
+            counts = np.bincount(values[:, head].astype(np.intp), minlength=len(counters))
+            for action in np.flatnonzero(counts):
+                observations.add(counters[action], int(counts[action]))
 
 
 class RequestMetrics:

@@ -50,7 +50,7 @@ class Decider:
         decisions = await self.served.admission.run(Task(rows, kind, seed))
         assert isinstance(decisions, Decisions)
         if self.served.metrics is not None:
-            self.served.metrics.count_actions(decisions.actions, decisions.version)
+            self.served.metrics.count_actions(decisions)
         if log is None or refs is None:
             return decisions, None
         agents = [ref for ref in refs if ref is not None]
