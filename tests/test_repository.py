@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -382,3 +383,24 @@ def test_one_policy_folder_is_a_repository_of_one(repository: Path) -> None:
     pinned = repository / "beta" / "schema.yaml"
     pinned.write_text(schema("beta", "k") + "serving: {version: 1}\n")
     assert scan(repository / "beta").policies["beta"].wanted.label == "1"  # type: ignore[union-attr]
+
+
+def test_oip_serves_every_policy_under_its_key_and_the_active_version(repository: Path) -> None:
+    infer_body = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [0.5]}], "parameters": {"deterministic": True}}
+
+    def oip_action(client: httpx.Client, path: str) -> tuple[int, Any]:
+        answer = client.post(path, json=infer_body, headers=key("beta"))
+        return answer.status_code, answer.json()
+
+    with serving(repository) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+        assert client.get("/v2/models/alpha", headers=key("beta")).status_code == 403  # each model opens with its policy's key
+        metadata = client.get("/v2/models/beta", headers=key("beta")).json()
+        assert metadata["versions"] == ["1", "2"]
+        status, answer = oip_action(client, "/v2/models/beta/infer")
+        assert status == 200 and answer["model_version"] == "2" and answer["outputs"][0]["data"] == [1]  # version 2 answers action 1
+        status, answer = oip_action(client, "/v2/models/beta/versions/1/infer")
+        assert status == 400 and "version 2 is" in answer["error"] and "PUT /policies/beta/active" in answer["error"]
+        assert client.get("/v2/models/beta/versions/1/ready", headers=key("beta")).json() == {"name": "beta", "ready": False}
+        assert client.put("/policies/beta/active", json={"version": "1"}, headers=ADMIN).status_code == 200
+        status, answer = oip_action(client, "/v2/models/beta/versions/1/infer")
+        assert status == 200 and answer["model_version"] == "1" and answer["outputs"][0]["data"] == [0]

@@ -114,7 +114,7 @@ class OipModel:
             raise OipError(
                 400,
                 f"model '{self.name}' version {version} is not the one served (version {self.served.active} is): "
-                f"activate it with PUT /admin/policies/{self.name}/active, or leave the version out",
+                f"switch with PUT /policies/{self.name}/active (the operator key), or leave the version out",
             )
 
     def _labels(self) -> list[str]:
