@@ -121,8 +121,9 @@ def model_routes(model: OipModel) -> list[BaseRoute]:
         return _json(200 if up else 503, {"name": model.name, "ready": up})
 
     async def infer(scope: Scope, body: bytes) -> Answer:
-        response = await model.infer(parse_infer_request(Headers(scope=scope), body), version_of(scope))
-        return _infer_answer(response)
+        request = parse_infer_request(Headers(scope=scope), body)
+        response = await model.infer(request, version_of(scope))
+        return _infer_answer(response, _binary_outputs(request, response))
 
     base = f"/v2/models/{model.name}"
     routes: list[BaseRoute] = []
@@ -259,13 +260,22 @@ def _tensor_metadata(name: str, datatype: str, shape: Sequence[int]) -> dict[str
     return {"name": name, "datatype": datatype, "shape": list(shape)}
 
 
-def _infer_answer(response: InferResponse) -> Answer:
+def _binary_outputs(request: InferRequest, response: InferResponse) -> frozenset[str]:
+    """The outputs sent as raw bytes: those whose `binary_data` says so, else as the request's
+    `binary_data_output` says (for every output when it names none)."""
+    default = request.parameters.binary_data_output
+    if request.outputs is None:
+        return frozenset(tensor.name for tensor in response.outputs) if default else frozenset()
+    return frozenset(output.name for output in request.outputs if (default if output.binary is None else output.binary))
+
+
+def _infer_answer(response: InferResponse, binary: frozenset[str]) -> Answer:
     """The answer's JSON, then the bytes of each output sent binary, in the outputs' order."""
     outputs = []
     blobs = []
     for tensor in response.outputs:
         entry = _tensor_metadata(tensor.name, tensor.datatype, tensor.shape)
-        if tensor.name in response.binary:
+        if tensor.name in binary:
             blob = tensor.to_bytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)

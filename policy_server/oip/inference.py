@@ -1,7 +1,7 @@
 """An OIP inference request and its answer, as typed values both transports build and read."""
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from policy_server.experience.episodes import is_valid_id
@@ -80,4 +80,3 @@ class InferResponse:
     model_version: str
     outputs: Sequence[Tensor]
     id: str | None = None
-    binary: frozenset[str] = field(default_factory=frozenset)  # REST: the outputs sent as raw bytes

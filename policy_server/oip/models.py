@@ -94,14 +94,7 @@ class OipModel:
         outputs = self._decision_outputs(decisions, wanted)
         if any(name not in outputs for name in wanted):
             outputs |= await self._distribution_outputs(rows)
-        binary = frozenset(
-            output.name
-            for output in request.outputs or ()
-            if (output.binary if output.binary is not None else parameters.binary_data_output)
-        )
-        if request.outputs is None and parameters.binary_data_output:
-            binary = frozenset(wanted)
-        return InferResponse(self.name, decisions.version, [outputs[name] for name in wanted], request.id, binary)
+        return InferResponse(self.name, decisions.version, [outputs[name] for name in wanted], request.id)
 
     # --- versions ---------------------------------------------------------------------------
 
