@@ -184,6 +184,33 @@ def test_ray_answers_exactly_as_local(clients: dict[str, tuple[TestClient, TestC
     assert _answers(remote, observations) == expected
 
 
+def _oip_inputs(observations: list[Observation]) -> list[dict[str, Any]]:
+    """The observations as OIP tensors, one per field."""
+    inputs = []
+    for name, first in observations[0].items():
+        values = [observation[name] for observation in observations]
+        shape = [len(values), len(first)] if isinstance(first, list) else [len(values)]
+        kind = first[0] if isinstance(first, list) else first
+        inputs.append({"name": name, "shape": shape, "datatype": "BOOL" if isinstance(kind, bool) else "FP32", "data": values})
+    return inputs
+
+
+@pytest.mark.parametrize("example", ["mouse_and_cheese", "tuple_masking"])
+def test_ray_answers_oip_exactly_as_local(clients: dict[str, tuple[TestClient, TestClient]], example: str) -> None:
+    local, remote = clients[example]
+    inputs = _oip_inputs(OBSERVATIONS[example](random.Random(example)))
+    outputs = [{"name": output["name"]} for output in local.get(f"/v2/models/{example}", headers=AUTH).json()["outputs"]]
+    bodies = [{"inputs": inputs, "parameters": {"seed": seed}, "outputs": outputs} for seed in SEEDS]
+    bodies.append({"inputs": inputs, "parameters": {"deterministic": True}})
+
+    def answers(client: TestClient) -> list[tuple[int, Any]]:
+        return [(r.status_code, r.json()) for r in (client.post(f"/v2/models/{example}/infer", json=b, headers=AUTH) for b in bodies)]
+
+    expected = answers(local)
+    assert {status for status, _ in expected} == {200}
+    assert answers(remote) == expected
+
+
 def test_input_errors_cross_from_the_replicas_as_they_are(clients: dict[str, tuple[TestClient, TestClient]]) -> None:
     """Nothing allowed for a head: the replica's InputError is the same 422 as local's."""
     local, remote = clients["tuple_masking"]
