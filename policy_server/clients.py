@@ -220,7 +220,7 @@ class ClientSDKs:
             try:
                 await self._run_generator(language, spec, output)
                 if language == "java":
-                    await asyncio.to_thread(_without_java_time, output)
+                    await asyncio.to_thread(without_java_time, output)
             except BaseException:
                 shutil.rmtree(output, ignore_errors=True)
                 raise
@@ -357,7 +357,7 @@ def _bundled_generator() -> tuple[Path | None, str | None]:
     return Path(str(importlib.resources.files("openapi_generator_cli") / "openapi-generator.jar")), version
 
 
-def _without_java_time(folder: Path) -> None:
+def without_java_time(folder: Path) -> None:
     """Take Jackson's java.time module out of a generated Java SDK (see JAVA_TIME_CLASSES), and
     those classes out of the generator's list of the files it wrote.
 

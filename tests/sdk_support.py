@@ -102,4 +102,4 @@ def approximately(value: Any, rel: float) -> Any:
         return {key: approximately(item, rel) for key, item in value.items()}
     if isinstance(value, list):
         return [approximately(item, rel) for item in value]
-    return pytest.approx(value, rel=rel) if isinstance(value, float) else value
+    return pytest.approx(value, rel=rel, abs=0) if isinstance(value, float) else value
