@@ -11,8 +11,9 @@ two processes never generate into the same place, and a reader never sees a part
 
 Each SDK builds with what Debian packages (the suite compiles and calls them): Python with pip,
 Java with `javac` against Debian's Jackson and Jakarta annotation jars, R with `R CMD INSTALL` and
-Debian's r-cran packages. There is no Scala SDK: every Scala client openapi-generator makes needs
-libraries Debian does not package (sttp or akka/pekko, circe or json4s), and Debian's Scala is 2.11.
+Debian's r-cran packages. There is no Scala SDK: every Scala client openapi-generator makes is
+built on an HTTP library Debian does not package (sttp, akka, pekko or http4s), for a newer Scala
+than Debian's 2.11.
 """
 
 import asyncio
