@@ -42,9 +42,10 @@ GENERATORS: Mapping[str, str] = {"python": "python", "java": "java", "r": "r"}
 # (e.g. AnyLogic) wants to pass its doubles as they are.
 TYPE_MAPPINGS: Mapping[str, tuple[str, ...]] = {"java": ("--type-mappings=number=Double",)}
 # The `native` Java library's ObjectMapper registers Jackson's java.time module (jackson-datatype-jsr310),
-# which Debian does not package; every other library needs more that Debian lacks (gson-fire, okhttp 4,
-# Jersey, Spring...). The policy's spec has no date or time anywhere, so the SDK goes without it: these
-# two classes (java.time parsers) are not kept, and the lines naming the module are dropped.
+# which Debian does not package; the other libraries need it too, or gson-fire, and an HTTP library
+# Debian lacks as well (okhttp 4, Jersey, Spring...). The policy's spec has no date or time anywhere,
+# so the SDK goes without it: these two classes (java.time parsers) are not kept, and the lines
+# naming the module are dropped.
 JAVA_TIME_CLASSES = ("RFC3339InstantDeserializer.java", "RFC3339JavaTimeModule.java")
 JAVA_TIME_MODULE = "JavaTimeModule"
 ALL = "clients"  # the archive holding every language, one folder each
@@ -319,8 +320,8 @@ def generator_options(language: str, policy_name: str, version: str) -> dict[str
             "artifactId": f"{dashed}-client",
             "artifactVersion": version,
         },
-        # httr, the generator's default, is Debian's r-cran-httr. An answer other than 2xx stops the call with the server's
-        # detail as the error message, instead of coming back as if it were the result.
+        # httr, the generator's default, is Debian's r-cran-httr. An answer other than 2xx stops the
+        # call with the server's detail as the error message, instead of coming back as the result.
         "r": {"packageName": f"{snake.replace('_', '.')}.client", "packageVersion": version, "returnExceptionOnFailure": "true"},
     }[language]
     return options | {"hideGenerationTimestamp": "true"}  # the same spec gives the same files
