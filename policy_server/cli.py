@@ -189,7 +189,7 @@ class Commands:
         Needs a Java runtime (JRE 11+). Each language becomes a folder and a zip in `out`.
 
         Args:
-            languages: comma-separated, of python,java,scala,r (default: all four)
+            languages: comma-separated, of python,java,r (default: all three)
             out: the folder to write them to (default: clients/)
             directory: the folder with schema.yaml and models/ (default: here)
         """

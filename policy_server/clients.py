@@ -1,4 +1,4 @@
-"""Client SDKs (python, java, scala, r) generated from the app's OpenAPI spec by openapi-generator.
+"""Client SDKs (python, java, r) generated from the app's OpenAPI spec by openapi-generator.
 
 Knows nothing of HTTP: it gets the spec as a dict and hands back zip files. Generation runs the
 generator JAR (shipped by the `openapi-generator-cli` package) with a Java runtime, one language
@@ -8,6 +8,12 @@ determines them, so a restart, or a second worker sharing the cache, generates n
 Every write goes to a temporary name first and is then renamed (`os.replace`, atomic), and a
 generator only runs while its process holds an exclusive `flock` on the cache folder's lock file:
 two processes never generate into the same place, and a reader never sees a partial zip.
+
+Each SDK builds with what Debian packages (the suite compiles and calls them): Python with pip,
+Java with `javac` against Debian's Jackson and Jakarta annotation jars, R with `R CMD INSTALL` and
+Debian's r-cran packages. There is no Scala SDK: every Scala client openapi-generator makes is
+built on an HTTP library Debian does not package (sttp, akka, pekko or http4s), for a newer Scala
+than Debian's 2.11.
 """
 
 import asyncio
@@ -30,14 +36,18 @@ from typing import Any, BinaryIO
 
 logger = logging.getLogger("policy_server.clients")
 
-LANGUAGES = ("python", "java", "scala", "r")
-# scala-sttp is openapi-generator's stable Scala client (scala-sttp4 is still beta, scala-akka and
-# scala-pekko tie callers to an actor runtime); sttp runs on any HTTP backend. Like every
-# generator it needs nothing from the network: only building the result does.
-GENERATORS: Mapping[str, str] = {"python": "python", "java": "java", "scala": "scala-sttp", "r": "r"}
+LANGUAGES = ("python", "java", "r")
+GENERATORS: Mapping[str, str] = {"python": "python", "java": "java", "r": "r"}
 # Java's default for a JSON number is BigDecimal; the policy's numbers are doubles, and a simulation
-# (e.g. AnyLogic) wants to pass its doubles as they are. Scala maps them to Double already.
+# (e.g. AnyLogic) wants to pass its doubles as they are.
 TYPE_MAPPINGS: Mapping[str, tuple[str, ...]] = {"java": ("--type-mappings=number=Double",)}
+# The `native` Java library's ObjectMapper registers Jackson's java.time module (jackson-datatype-jsr310),
+# which Debian does not package; the other libraries need it too, or gson-fire, and an HTTP library
+# Debian lacks as well (okhttp 4, Jersey, Spring...). The policy's spec has no date or time anywhere,
+# so the SDK goes without it: these two classes (java.time parsers) are not kept, and the lines
+# naming the module are dropped.
+JAVA_TIME_CLASSES = ("RFC3339InstantDeserializer.java", "RFC3339JavaTimeModule.java")
+JAVA_TIME_MODULE = "JavaTimeModule"
 ALL = "clients"  # the archive holding every language, one folder each
 SECONDS_PER_LANGUAGE = 5  # one generator run on a 2-core machine (3-6 s measured), for Retry-After
 GENERATOR_TIMEOUT_S = 300.0
@@ -45,14 +55,13 @@ LOCK_POLL_S = 0.1
 # A generator run is a short JVM life: the C1 compiler alone and one GC thread make it about twice
 # as fast (6 s → 3 s measured) and leave the other core to the server.
 JVM_OPTIONS = ("-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC")
-# Words that cannot be a Java or Scala package segment.
-_JVM_KEYWORDS = (
-    "abstract assert boolean break byte case catch char class const continue def default do double else enum export extends false "
-    "final finally float for given goto if implicit implements import instanceof int interface lazy long match native new null "
-    "object override package private protected public return sealed short static strictfp super switch synchronized then this throw "
-    "throws trait transient true try type val var void volatile while with yield"
+# Words that cannot be a Java package segment (the reserved keywords and literals).
+_JAVA_KEYWORDS = (
+    "abstract assert boolean break byte case catch char class const continue default do double else enum extends false final "
+    "finally float for goto if implements import instanceof int interface long native new null package private protected public "
+    "return short static strictfp super switch synchronized this throw throws transient true try void volatile while"
 )
-JVM_KEYWORDS = frozenset(_JVM_KEYWORDS.split())
+JAVA_KEYWORDS = frozenset(_JAVA_KEYWORDS.split())
 
 
 class ClientSDKError(Exception):
@@ -212,6 +221,8 @@ class ClientSDKs:
             output = Path(tempfile.mkdtemp(prefix=f".{language}-", dir=self.directory))
             try:
                 await self._run_generator(language, spec, output)
+                if language == "java":
+                    await asyncio.to_thread(without_java_time, output)
             except BaseException:
                 shutil.rmtree(output, ignore_errors=True)
                 raise
@@ -288,15 +299,20 @@ class ClientSDKs:
 
 
 def generator_options(language: str, policy_name: str, version: str) -> dict[str, str]:
-    """openapi-generator's `--additional-properties` naming the SDK after the policy, with names
+    """openapi-generator's `--additional-properties`: the SDK named after the policy, with names
     valid in that language (e.g. mouse_and_cheese_client, policyserver.mouse_and_cheese.client,
-    mouse.and.cheese.client)."""
+    mouse.and.cheese.client), and the choices that let it build with what Debian packages."""
     snake = _snake(policy_name)
     dashed = snake.replace("_", "-")
-    package = f"policyserver.{snake}_policy.client" if snake in JVM_KEYWORDS else f"policyserver.{snake}.client"
+    package = f"policyserver.{snake}_policy.client" if snake in JAVA_KEYWORDS else f"policyserver.{snake}.client"
     options = {
         "python": {"packageName": f"{snake}_client", "projectName": f"{dashed}-client", "packageVersion": version},
+        # `native`: java.net.http and Jackson, so the SDK compiles against Debian's jars (see
+        # JAVA_TIME_CLASSES); Jakarta's annotations (one Debian jar), no jackson-databind-nullable.
         "java": {
+            "library": "native",
+            "useJakartaEe": "true",
+            "openApiNullable": "false",
             "invokerPackage": package,
             "apiPackage": f"{package}.api",
             "modelPackage": f"{package}.model",
@@ -304,16 +320,9 @@ def generator_options(language: str, policy_name: str, version: str) -> dict[str
             "artifactId": f"{dashed}-client",
             "artifactVersion": version,
         },
-        # circe writes each field's JSON name explicitly (mouseRow <-> "mouse_row"); the default
-        # json4s would send the Scala field names, which the server does not know.
-        "scala": {
-            "mainPackage": package,
-            "groupId": "policyserver",
-            "artifactId": f"{dashed}-client",
-            "artifactVersion": version,
-            "jsonLibrary": "circe",
-        },
-        "r": {"packageName": f"{snake.replace('_', '.')}.client", "packageVersion": version},
+        # httr, the generator's default, is Debian's r-cran-httr. An answer other than 2xx stops the
+        # call with the server's detail as the error message, instead of coming back as the result.
+        "r": {"packageName": f"{snake.replace('_', '.')}.client", "packageVersion": version, "returnExceptionOnFailure": "true"},
     }[language]
     return options | {"hideGenerationTimestamp": "true"}  # the same spec gives the same files
 
@@ -348,6 +357,30 @@ def _bundled_generator() -> tuple[Path | None, str | None]:
     except importlib.metadata.PackageNotFoundError:
         return None, None
     return Path(str(importlib.resources.files("openapi_generator_cli") / "openapi-generator.jar")), version
+
+
+def without_java_time(folder: Path) -> None:
+    """Take Jackson's java.time module out of a generated Java SDK (see JAVA_TIME_CLASSES), and
+    those classes out of the generator's list of the files it wrote.
+
+    Raises GenerationFailed if a source still needs it: the generator's templates have changed."""
+    for source in sorted((folder / "src").rglob("*.java")):
+        if source.name in JAVA_TIME_CLASSES:
+            source.unlink()
+        else:
+            _drop_lines(source, JAVA_TIME_MODULE)
+    for name in JAVA_TIME_CLASSES:
+        _drop_lines(folder / ".openapi-generator" / "FILES", name)
+    needing = [str(path.relative_to(folder)) for path in (folder / "src").rglob("*.java") if "jsr310" in path.read_text(encoding="utf-8")]
+    if needing:
+        raise GenerationFailed(f"java: {', '.join(needing)} still needs jackson-datatype-jsr310, which Debian does not package")
+
+
+def _drop_lines(path: Path, word: str) -> None:
+    """Rewrite `path` without its lines that contain `word` (untouched when none does)."""
+    text = path.read_text(encoding="utf-8")
+    if word in text:
+        path.write_text("".join(line for line in text.splitlines(keepends=True) if word not in line), encoding="utf-8")
 
 
 def _snake(name: str) -> str:

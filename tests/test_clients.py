@@ -1,8 +1,9 @@
 """Client SDKs (issue 5, DESIGN.md GET /clients): the real openapi-generator, a real server, and the
-generated Python SDK installed into a fresh venv and used as its README shows.
+generated Python SDK installed into a fresh venv and used as its README shows (the Java and R SDKs
+are built and called in test_sdk_java.py and test_sdk_r.py).
 
-Each generator run costs a JVM start (~3 s), so the four SDKs of the mouse example are generated
-once for the module and the other tests generate as little as they can.
+Each generator run costs a JVM start (~3 s), so the SDKs of the mouse example are generated once
+for the module and the other tests generate as little as they can.
 """
 
 import asyncio
@@ -23,6 +24,8 @@ from conftest import API_KEY, AUTH, MOUSE_OBSERVATION
 from servers import REPO, Server, free_port, generate, run, running_server, uvicorn_command
 
 from policy_server.clients import (
+    JAVA_TIME_CLASSES,
+    JAVA_TIME_MODULE,
     LANGUAGES,
     SECONDS_PER_LANGUAGE,
     ClientSDKError,
@@ -31,6 +34,7 @@ from policy_server.clients import (
     JavaMissing,
     SDKsNotReady,
     UnknownLanguage,
+    without_java_time,
 )
 from policy_server.loading import load_policy_spec
 from policy_server.server import build_app
@@ -39,7 +43,6 @@ from policy_server.settings import Settings
 MOUSE = REPO / "examples" / "mouse_and_cheese"
 FIELDS = ("mouse_row", "mouse_col", "mouse_row_distance", "mouse_col_distance", "cheese_row", "cheese_col")
 JAVA_PACKAGE = "java/src/main/java/policyserver/mouse_and_cheese/client"
-SCALA_PACKAGE = "scala/src/main/scala/policyserver/mouse_and_cheese/client"
 Spec = tuple[dict[str, Any], str]
 
 # What a user writes after reading the generated README: configuration, api key, ApiClient, PolicyApi.
@@ -93,7 +96,7 @@ def mouse_spec() -> Spec:
 
 @pytest.fixture(scope="module")
 def sdks(mouse_spec: Spec, tmp_path_factory: pytest.TempPathFactory) -> ClientSDKs:
-    """The four SDKs of the mouse example, generated once for the module."""
+    """The SDKs of the mouse example, generated once for the module."""
     spec, name = mouse_spec
     generated = ClientSDKs(spec, name, tmp_path_factory.mktemp("sdk-cache"))
     asyncio.run(generated.build())
@@ -216,12 +219,12 @@ def test_python_sdk_is_named_after_the_policy_and_has_every_route(sdks: ClientSD
     assert 'name = "mouse_and_cheese_client"' in read(archive, "python/pyproject.toml")
 
 
-def test_java_sdk_has_the_observation_model_the_auth_header_and_the_routes(sdks: ClientSDKs) -> None:
+def test_java_sdk_has_the_observation_model_and_the_routes_and_no_java_time(sdks: ClientSDKs) -> None:
     archive = sdks.archive("java")
     observation = read(archive, f"{JAVA_PACKAGE}/model/Observation.java")
     assert "package policyserver.mouse_and_cheese.client.model;" in observation
     for field in FIELDS:
-        assert f'SERIALIZED_NAME_{field.upper()} = "{field}";' in observation
+        assert f'JSON_PROPERTY_{field.upper()} = "{field}";' in observation
         assert f"private Double {camel(field)};" in observation
         assert f"public Double get{camel(field)[0].upper()}{camel(field)[1:]}()" in observation
     api = read(archive, f"{JAVA_PACKAGE}/api/PolicyApi.java")
@@ -233,20 +236,23 @@ def test_java_sdk_has_the_observation_model_the_auth_header_and_the_routes(sdks:
         "predictBatch": "BatchDecisions",
     }.items():
         assert f"public {answer} {method}(" in api
-    assert '"access-token"' in read(archive, f"{JAVA_PACKAGE}/ApiClient.java")
+    assert "import java.net.http.HttpClient;" in read(archive, f"{JAVA_PACKAGE}/ApiClient.java")
+    with zipfile.ZipFile(archive) as source:
+        sources = {name: source.read(name) for name in source.namelist() if name.endswith(".java")}
+    assert not any(name.endswith(JAVA_TIME_CLASSES) for name in sources)
+    assert not any(b"jsr310" in text or JAVA_TIME_MODULE.encode() in text for text in sources.values())
+    assert not any(name in read(archive, "java/.openapi-generator/FILES") for name in JAVA_TIME_CLASSES)
     assert "<artifactId>mouse-and-cheese-client</artifactId>" in read(archive, "java/pom.xml")
 
 
-def test_scala_sdk_has_the_observation_model_the_auth_header_and_the_routes(sdks: ClientSDKs) -> None:
-    archive = sdks.archive("scala")
-    observation = read(archive, f"{SCALA_PACKAGE}/model/Observation.scala")
-    for field in FIELDS:
-        assert f"  {camel(field)}: Double" in observation
-        assert f'"{field}" -> t.{camel(field)}' in observation  # sent under the server's name
-    api = read(archive, f"{SCALA_PACKAGE}/api/PolicyApi.scala")
-    for method in ("predict", "predictDeterministic", "distribution", "predictRaw", "predictBatch"):
-        assert f"  def {method}(" in api
-    assert '.header("access-token", apiKeyHeader)' in api
+def test_a_java_source_still_needing_java_time_fails_the_generation(tmp_path: Path) -> None:
+    source = tmp_path / "src" / "main" / "java" / "Dates.java"
+    source.parent.mkdir(parents=True)
+    source.write_text("import com.fasterxml.jackson.datatype.jsr310.deser.InstantDeserializer;\n")
+    (tmp_path / ".openapi-generator").mkdir()
+    (tmp_path / ".openapi-generator" / "FILES").write_text("src/main/java/Dates.java\n")
+    with pytest.raises(GenerationFailed, match=r"^java: src/main/java/Dates.java still needs jackson-datatype-jsr310"):
+        without_java_time(tmp_path)
 
 
 def test_r_sdk_has_the_observation_model_the_auth_header_and_the_routes(sdks: ClientSDKs) -> None:
@@ -259,6 +265,7 @@ def test_r_sdk_has_the_observation_model_the_auth_header_and_the_routes(sdks: Cl
     for method in ("Predict", "PredictDeterministic", "Distribution", "PredictRaw", "PredictBatch"):
         assert f"    {method} = function(" in api
     assert '"access-token"' in api
+    assert "Imports: jsonlite, httr, R6, base64enc, stringr\n" in read(archive, "r/DESCRIPTION")  # all of them Debian's r-cran-*
 
 
 def test_a_second_instance_serves_the_cache_without_generating(sdks: ClientSDKs, mouse_spec: Spec, tmp_path: Path) -> None:
@@ -304,7 +311,7 @@ def test_not_ready_while_generating_and_stop_kills_the_generator(mouse_spec: Spe
         return sdks, waits, pids
 
     sdks, waits, pids = asyncio.run(scenario())
-    assert waits == {"python": SECONDS_PER_LANGUAGE, "r": 4 * SECONDS_PER_LANGUAGE, None: 4 * SECONDS_PER_LANGUAGE}
+    assert waits == {"python": SECONDS_PER_LANGUAGE, "r": 3 * SECONDS_PER_LANGUAGE, None: 3 * SECONDS_PER_LANGUAGE}
     assert pids, "the generator never started"
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids), "a generator outlived stop()"
     assert sorted(path.name for path in sdks.directory.iterdir()) == [".lock", "openapi.json"]  # no zip, no temp left
@@ -328,7 +335,7 @@ def test_java_missing(mouse_spec: Spec, tmp_path: Path) -> None:
 
 
 def test_unknown_language(sdks: ClientSDKs) -> None:
-    with pytest.raises(UnknownLanguage, match=r"'cobol'.*python, java, scala, r"):
+    with pytest.raises(UnknownLanguage, match=r"'cobol'.*python, java, r"):
         sdks.archive("cobol")
     with pytest.raises(UnknownLanguage):
         ClientSDKs({}, "policy", Path("unused"), languages=("python", "cobol"))

@@ -10,24 +10,10 @@ from pathlib import Path
 import httpx
 from conftest import AUTH
 from fastapi.testclient import TestClient
+from sdk_support import wait_for_zip
 from servers import free_port, running_server, uvicorn_command
 
 from policy_server.clients import LANGUAGES
-
-GENERATION_TIMEOUT_S = 180
-
-
-def wait_for_zip(get: Callable[[], httpx.Response]) -> tuple[httpx.Response, list[httpx.Response]]:
-    """Poll until the answer is not 503; return it and the 503s seen before it."""
-    waits: list[httpx.Response] = []
-    deadline = time.monotonic() + GENERATION_TIMEOUT_S
-    while time.monotonic() < deadline:
-        response = get()
-        if response.status_code != 503:
-            return response, waits
-        waits.append(response)
-        time.sleep(1)
-    raise AssertionError("the SDKs were not generated in time")
 
 
 def test_python_sdk_over_http(serve: Callable[..., TestClient], mouse_dir: Path, tmp_path: Path) -> None:
