@@ -151,7 +151,7 @@ def stream_calls(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def typed(job: dict[str, Any]) -> list[dict[str, Any]]:
-    """ModelInfer with typed `contents` (what tritonclient never sends), through the stub."""
+    """Deterministic ModelInfer with typed `contents` (what tritonclient never sends), through the stub."""
     import grpc
 
     stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(job["grpc"]))
@@ -159,6 +159,7 @@ def typed(job: dict[str, Any]) -> list[dict[str, Any]]:
     answers = []
     for case in job["cases"]:
         request = service_pb2.ModelInferRequest(model_name=job["model"], id="typed")
+        request.parameters["deterministic"].bool_param = True
         for entry in case["inputs"]:
             tensor = request.inputs.add(name=entry["name"], datatype=entry["datatype"], shape=entry["shape"])
             getattr(tensor.contents, entry["field"]).extend(entry["values"])
