@@ -19,6 +19,7 @@ from policy_server.http.keys import key_in
 from policy_server.oip.errors import OipError
 from policy_server.oip.grpc import inference_pb2 as pb
 from policy_server.oip.grpc import inference_pb2_grpc as pb_grpc
+from policy_server.oip.grpc.gathering import Gathering
 from policy_server.oip.grpc.messages import infer_request, infer_response, model_metadata, server_metadata
 from policy_server.oip.grpc.status import abort, code_of, oip_error_of
 from policy_server.oip.grpc.stream import Answer, StreamSession
@@ -37,6 +38,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.is_ready = is_ready
         self.drain = drain
         self.streams: set[StreamSession] = set()
+        self.gathering = Gathering()
 
     def begin_drain(self) -> None:
         for stream in self.streams:
@@ -68,7 +70,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         async with self._call(context):
-            return await _infer(self._opened(request.model_name, context), request)
+            return await self._infer(self._opened(request.model_name, context), request)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -98,7 +100,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             refusal = _refusal(model, key)
             if refusal is not None:
                 return refusal
-            return pb.ModelStreamInferResponse(infer_response=await _infer(model, request))
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(model, request))
         except Exception as exc:
             error = oip_error_of(exc)
             named = f"request '{request.id}': " if request.id else ""
@@ -108,6 +110,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             )
 
     # --- every call -------------------------------------------------------------------------
+
+    async def _infer(self, model: OipModel, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        parsed = infer_request(request)
+        await self.gathering.arrived()  # with the requests arriving alongside: one batch
+        return infer_response(await model.infer(parsed, request.model_version or None))
 
     def _opened(self, name: str, context: Context) -> OipModel:
         """The model `name`, if the call's key opens it."""
@@ -134,10 +141,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         """A request arrived: during a drain, the server is not quiet yet."""
         if self.drain.draining:
             self.drain.last_request = time.monotonic()
-
-
-async def _infer(model: OipModel, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-    return infer_response(await model.infer(infer_request(request), request.model_version or None))
 
 
 def _key_of(context: Context) -> str | None:

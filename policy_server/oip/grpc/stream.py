@@ -1,7 +1,7 @@
 """One ModelStreamInfer call: requests read as they come, answered as they are decided.
 
 The messages of a stream are decided concurrently (up to `WINDOW` at once), so the requests of
-one stream, like those of many clients, share forward passes; answers leave in the order they
+one stream, like those of many clients, share forward passes (gathering.py); answers leave in the order they
 are ready, each carrying its request's `id`. Two requests naming the same sequence (the same
 episode) are decided in the order they came. A full window stops reading: gRPC's flow control
 then holds the client back, rather than the policy's queue refusing it.
@@ -20,7 +20,6 @@ from policy_server.oip.errors import OipError
 from policy_server.oip.grpc import inference_pb2 as pb
 
 WINDOW = 64  # requests of one stream being decided at once
-QUIET_TURNS = 2  # loop turns without a new message before the messages read are decided
 
 # The answer to one request, or the error that ends the whole stream (a key that does not open the model).
 Answer = pb.ModelStreamInferResponse | OipError
@@ -35,9 +34,7 @@ class StreamSession:
         self._on_message = on_message
         self._outbox: asyncio.Queue[Answer | None] = asyncio.Queue()  # None: only wakes the writer
         self._window = asyncio.Semaphore(WINDOW)
-        self._pending = 0  # arrived and not answered yet
-        self._arrived: list[pb.ModelInferRequest] = []  # read, not yet being decided
-        self._spawning: asyncio.Handle | None = None
+        self._pending = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_of_sequence: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._read_all = False
@@ -85,42 +82,15 @@ class StreamSession:
                 self._last_message = time.monotonic()
                 self._on_message()
                 await self._window.acquire()
-                self._arrive(request)
+                self._spawn(request)
         finally:
-            self._spawn_arrived()
             self._read_all = True
             self._outbox.put_nowait(None)
-
-    def _arrive(self, request: pb.ModelInferRequest) -> None:
-        """Hold the request until messages stop arriving back to back (see `_spawn_when_quiet`)."""
-        self._pending += 1
-        self._arrived.append(request)
-        if self._spawning is None:
-            self._spawning = asyncio.get_running_loop().call_soon(self._spawn_when_quiet, len(self._arrived), QUIET_TURNS)
-
-    def _spawn_when_quiet(self, seen: int, turns_left: int) -> None:
-        """gRPC hands a stream's messages over one per loop turn: decided as they come, each would
-        be a batch of its own. So the messages arrived are decided together (in one turn: one
-        batch) once `QUIET_TURNS` turns passed without another; a lone message waits that long."""
-        loop = asyncio.get_running_loop()
-        if len(self._arrived) > seen:
-            self._spawning = loop.call_soon(self._spawn_when_quiet, len(self._arrived), QUIET_TURNS)
-        elif turns_left > 1:
-            self._spawning = loop.call_soon(self._spawn_when_quiet, seen, turns_left - 1)
-        else:
-            self._spawn_arrived()
-
-    def _spawn_arrived(self) -> None:
-        if self._spawning is not None:
-            self._spawning.cancel()
-            self._spawning = None
-        arrived, self._arrived = self._arrived, []
-        for request in arrived:
-            self._spawn(request)
 
     def _spawn(self, request: pb.ModelInferRequest) -> None:
         sequence = _sequence_of(request)
         previous = self._last_of_sequence.get(sequence) if sequence is not None else None
+        self._pending += 1
         task = asyncio.create_task(self._decide(request, previous))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
