@@ -16,6 +16,7 @@ bench/RESULTS.md (replaced in place, the rest of the file kept).
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -140,7 +141,7 @@ def _median(rounds: list[Figure]) -> Figure:
     return Figure(middle.name, middle.decisions_per_s, middle.p50_ms, sum(figure.errors for figure in rounds))
 
 
-def section(figures: list[Figure], duration: int) -> str:
+def section(figures: list[Figure], duration: int, load: tuple[float, float]) -> str:
     by_name = {figure.name: figure for figure in figures}
     rest_c1 = next(f for f in figures if f.name == "REST /predict, c=1")
     binary = next(f for f in figures if f.name.startswith("OIP REST infer"))
@@ -150,7 +151,9 @@ def section(figures: list[Figure], duration: int) -> str:
         "",
         f"Measured {datetime.date.today().isoformat()} by `bench/oip.py` ({duration} s per figure, the median of {run.ROUNDS} "
         "interleaved rounds), one server of the default example (ours, defaults) pinned on one core, "
-        "the load on the other: wrk for REST, raw grpc (tritonclient's stubs, requests built once) for gRPC.",
+        "the load on the other: wrk for REST, raw grpc (tritonclient's stubs, requests built once) for gRPC. "
+        f"The machine's load average (1 min) was {load[0]:.1f} before and {load[1]:.1f} after: compare the rows "
+        "with each other, not with the tables above when it is well over 2.",
         "",
         "| load | decisions/s | p50 ms | errors |",
         "| --- | ---: | ---: | ---: |",
@@ -186,12 +189,15 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10, help="seconds per figure, over its rounds")
     parser.add_argument("--out", type=Path, default=run.BENCH)
     args = parser.parse_args()
+    before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="policy-bench-oip-") as scratch:
         figures = measure(args.duration, Path(scratch))
+    load = before, os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results-oip.json").write_text(json.dumps([figure.__dict__ for figure in figures], indent=1) + "\n")
-    write_section(args.out / "RESULTS.md", section(figures, args.duration))
-    print(section(figures, args.duration))
+    text = section(figures, args.duration, load)
+    write_section(args.out / "RESULTS.md", text)
+    print(text)
 
 
 if __name__ == "__main__":
