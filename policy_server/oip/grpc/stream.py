@@ -1,8 +1,8 @@
 """One ModelStreamInfer call: requests read as they come, answered as they are decided.
 
 The messages of a stream are decided concurrently (up to `WINDOW` at once), so the requests of
-one stream, like those of many clients, share forward passes (gathering.py); answers leave in the order they
-are ready, each carrying its request's `id`. Two requests naming the same sequence (the same
+one stream, like those of many clients, share forward passes (gathering.py); answers leave in
+the order they are ready, each carrying its request's `id`. Two requests naming the same sequence (the same
 episode) are decided in the order they came. A full window stops reading: gRPC's flow control
 then holds the client back, rather than the policy's queue refusing it.
 
