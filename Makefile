@@ -1,6 +1,7 @@
 # make serve: serve the default example on 127.0.0.1:8000 (creates .venv and installs if missing)
 # make test:  run the whole test suite
-# make bench: the benchmark harness (writes bench/RESULTS.md; run it on an otherwise idle machine)
+# make bench: the benchmark harness (writes bench/RESULTS.md, OIP's section by bench/oip.py; run it on an otherwise idle machine)
+# make proto: the gRPC modules from policy_server/oip/grpc/inference.proto (committed; run after editing it)
 # make soak:  64 clients for 10 minutes: no error, RSS and open files flat (writes bench/SOAK.md)
 # make soak-experience: the same with the policy logging experience, every request naming an episode
 VENV ?= .venv
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test bench soak soak-experience fuzz lint format
+.PHONY: install serve test bench soak soak-experience fuzz lint format proto
 
 install: $(VENV)/.installed
 
@@ -30,6 +31,10 @@ bench: install
 	@command -v wrk >/dev/null || { echo "bench needs wrk: apt-get install -y wrk"; exit 1; }
 	$(PY) bench/experience_writer.py
 	$(PY) bench/run.py
+	$(PY) bench/oip.py
+
+proto: install
+	$(PY) -m grpc_tools.protoc --proto_path=. --python_out=. --pyi_out=. --grpc_python_out=. policy_server/oip/grpc/inference.proto
 
 soak: install
 	@command -v wrk >/dev/null || { echo "soak needs wrk: apt-get install -y wrk"; exit 1; }

@@ -22,6 +22,7 @@ from policy_server.runtimes import MODEL_SUFFIXES
 from policy_server.settings import Settings
 
 GENERATED = ("clients", "openapi.json")
+WORKER_HEALTHCHECK_S = 60
 
 
 class Commands:
@@ -248,6 +249,10 @@ class Commands:
                 workers=workers,
                 log_level=log_level,
                 http=HardenedHTTP,
+                # A worker importing torch and loading its model holds the GIL for seconds; on a
+                # busy machine its health-check thread answered uvicorn's ping too late (5 s by
+                # default) and the worker was killed and started again, forever.
+                timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
             )
 
 

@@ -44,6 +44,7 @@ class Drain:
         self.draining = False
         self.in_flight = 0
         self.last_request = 0.0
+        self.on_start: list[Callable[[], None]] = []  # told when a drain starts (the gRPC server)
         self._uvicorn_handler: SignalHandler = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -74,6 +75,8 @@ class Drain:
         server = getattr(self._uvicorn_handler, "__self__", None)  # the uvicorn.Server, if it is one
         for listener in getattr(server, "servers", ()):
             listener.close()  # the open connections go on
+        for started in self.on_start:
+            started()
         state = getattr(server, "server_state", None)
         connections: set[Any] | None = getattr(state, "connections", None)
         self._task = asyncio.get_running_loop().create_task(self._wait_then_stop(connections))

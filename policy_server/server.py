@@ -16,6 +16,7 @@ from policy_server.experience.logs import ExperienceLogs
 from policy_server.lifecycle import ExecutorFactory, Registry
 from policy_server.loading import ModelVersion, load_version
 from policy_server.metrics import Metrics, PolicyMetrics
+from policy_server.oip.grpc.options import GrpcOptions
 from policy_server.schema import BACKENDS, PolicySpec
 from policy_server.settings import Settings
 
@@ -43,7 +44,14 @@ def build_app(settings: Settings) -> FastAPI:
         sdks=SDKOptions(settings.sdk_cache_dir, settings.sdks_in_background),
         watch_every_s=settings.watch_every_s,
         experience=ExperienceLogs(settings.experience_dir, shared=settings.workers > 1),
+        grpc=grpc_options(settings),
     )
+
+
+def grpc_options(settings: Settings) -> GrpcOptions | None:
+    if settings.grpc_port is None:
+        return None
+    return GrpcOptions(settings.grpc_port, shared_port=settings.workers > 1, max_message_bytes=settings.max_body_bytes)
 
 
 def require_api_key(spec: PolicySpec, settings: Settings) -> None:

@@ -12,6 +12,7 @@ DEFAULT_MAX_QUEUE = 256  # requests waiting or running per policy; beyond, 503 (
 DEFAULT_DRAIN_S = 20.0  # under Kubernetes' default 30 s grace period (policy_server/drain.py)
 DEFAULT_REQUEST_TIMEOUT_S = 10.0  # a request's head and body must arrive within this (policy_server/protocol.py)
 DEFAULT_RAY_METRICS_PORT = 8080
+MAX_PORT = 65535
 DEFAULT_WATCH_S = 2.0  # the repository is read again this often (policy_server/lifecycle.py)
 
 
@@ -38,6 +39,7 @@ class Settings:
     model_cache_dir: Path | None = field(default_factory=lambda: _user_cache() / "models")  # traces of .pt2 models
     sdks_in_background: bool = True  # False: generate the SDKs on the first /clients request
     experience_dir: Path | None = None  # logs every policy's decisions there (policy_server/experience/)
+    grpc_port: int | None = None  # OIP over gRPC on this port (policy_server/oip/grpc/); None: no gRPC
     workers: int = 1  # API processes serving the same policies (generate.py serve --workers sets it)
     # backend ray (DESIGN.md §5)
     ray_address: str | None = None  # join this cluster instead of starting a local Ray; selects backend ray
@@ -70,6 +72,7 @@ class Settings:
             model_cache_dir=cache / "models",
             sdks_in_background=env.get("POLICY_SERVER_SDKS", "background").strip().lower() != "on-request",
             experience_dir=Path(env["POLICY_SERVER_EXPERIENCE_DIR"]).resolve() if env.get("POLICY_SERVER_EXPERIENCE_DIR") else None,
+            grpc_port=_port(env, "POLICY_SERVER_GRPC_PORT"),
             workers=_positive_int(env, "POLICY_SERVER_WORKERS", 1),
             ray_address=env.get("RAY_ADDRESS") or None,
             ray_node_ip=env.get("POLICY_SERVER_RAY_NODE_IP") or None,
@@ -90,6 +93,15 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
         return default
     if not raw.isdigit() or int(raw) < 1:
         raise ConfigError("environment", name, f"{raw!r} is not a positive whole number", f"set {name} to e.g. {default}")
+    return int(raw)
+
+
+def _port(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name)
+    if not raw:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PORT:
+        raise ConfigError("environment", name, f"{raw!r} is not a port number (1 to {MAX_PORT})", f"set {name} to e.g. 8001, or unset it")
     return int(raw)
 
 

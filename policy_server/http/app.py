@@ -13,6 +13,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
@@ -34,7 +35,11 @@ from policy_server.http.table import AppRouteTable
 from policy_server.json_io import OrjsonRoute
 from policy_server.lifecycle import Registry
 from policy_server.metrics import Metrics, RequestMetrics
+from policy_server.oip.grpc.options import GrpcOptions
 from policy_server.redaction import register_secret
+
+if TYPE_CHECKING:
+    from policy_server.oip.grpc.server import GrpcServer
 
 logger = logging.getLogger("policy_server")
 
@@ -52,13 +57,15 @@ def create_app(
     sdks: SDKOptions | None = None,
     watch_every_s: float | None = None,
     experience: ExperienceLogs | None = None,
+    grpc: GrpcOptions | None = None,
 ) -> FastAPI:
     """The whole HTTP surface of the registry's policies (loaded already, started in the lifespan).
 
     `auth_on=False` serves without keys (logged); `api_key` is the key of policies whose schema
     names none; `admin_key=None` closes the operator routes; `metrics=None` serves no /metrics;
     `sdks=None` serves no /clients; `watch_every_s=None` does not watch the repository;
-    `experience` logs what schemas ask for (by default) or every policy (with an override dir)."""
+    `experience` logs what schemas ask for (by default) or every policy (with an override dir);
+    `grpc` serves OIP over gRPC too (None: not)."""
     for secret in (api_key, admin_key, *(served.spec.api_key for served in registry.policies.values())):
         if secret:
             register_secret(secret)
@@ -69,7 +76,7 @@ def create_app(
         title=title,
         version=__version__,
         description=_description(registry, auth_on),
-        lifespan=_lifespan(server, metrics, watch_every_s),
+        lifespan=_lifespan(server, metrics, watch_every_s, grpc),
         redirect_slashes=False,
         docs_url=None,
         redoc_url=None,
@@ -80,7 +87,7 @@ def create_app(
     add_offline_docs(app)
     app.include_router(service_router(server))
     app.include_router(admin_router(server))
-    app.router.routes.extend(server_routes(lambda: registry.ready and not server.drain.draining))
+    app.router.routes.extend(server_routes(lambda: _serving(server)))
     if metrics is not None:
         app.include_router(metrics_router(metrics))
         metrics.add_collector(ExperienceCollector(server.experience))
@@ -105,7 +112,12 @@ def _telemetry() -> TelemetryConfig | None:
     return {"tracing": False, "metrics": False, "logs": False}
 
 
-def _lifespan(server: ServerContext, metrics: Metrics | None, watch_every_s: float | None):  # type: ignore[no-untyped-def]
+def _serving(server: ServerContext) -> bool:
+    """What OIP's server readiness says, on REST and gRPC: started, and not draining."""
+    return server.registry.ready and not server.drain.draining
+
+
+def _lifespan(server: ServerContext, metrics: Metrics | None, watch_every_s: float | None, grpc: GrpcOptions | None):  # type: ignore[no-untyped-def]
     registry = server.registry
 
     @asynccontextmanager
@@ -124,6 +136,7 @@ def _lifespan(server: ServerContext, metrics: Metrics | None, watch_every_s: flo
             await table.sdks[""].start()
         if watch_every_s is not None:
             registry.watch(watch_every_s)
+        grpc_server = await _start_grpc(grpc, table, server) if grpc is not None else None
         # Start-up made millions of long-lived objects (torch, the model, FastAPI): out of the
         # collector's sight, a /predict_batch that allocates thousands no longer makes it rescan
         # them all (-30 % time per 1,024-observation request, measured in-process).
@@ -131,6 +144,8 @@ def _lifespan(server: ServerContext, metrics: Metrics | None, watch_every_s: flo
         server.drain.install()
         yield
         server.drain.uninstall()
+        if grpc_server is not None:
+            await grpc_server.stop()  # before the executors its calls reach
         for sdks in table.sdks.values():
             await sdks.stop()
         await asyncio.wait([starting])  # a start in the background ends before the executors stop
@@ -154,6 +169,17 @@ async def _start(registry: Registry) -> None:
             info.get("replicas"),
             info.get("device"),
         )
+
+
+async def _start_grpc(options: GrpcOptions, table: AppRouteTable, server: ServerContext) -> "GrpcServer":
+    """OIP over gRPC on the route table's models, in this event loop; it drains with the HTTP side."""
+    from policy_server.oip.grpc.server import GrpcServer, uvicorn_host  # grpc is imported only when served
+    from policy_server.oip.grpc.service import InferenceService
+
+    grpc_server = GrpcServer(options, InferenceService(table.oip, lambda: _serving(server), server.drain), server.drain.timeout_s)
+    await grpc_server.start(uvicorn_host())  # before the drain replaces uvicorn's SIGTERM handler
+    server.drain.on_start.append(grpc_server.begin_drain)
+    return grpc_server
 
 
 def _shut_down_if_failed(starting: "asyncio.Task[None]") -> None:
