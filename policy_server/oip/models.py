@@ -90,7 +90,7 @@ class OipModel:
         wanted = self._wanted_outputs(request)
         parameters = request.parameters
         kind = Kind.DETERMINISTIC if parameters.deterministic else Kind.SAMPLE
-        decisions, _ = await self.decider.decide(rows, kind, parameters.seed, _agents(parameters, len(rows)))
+        decisions, _ = await self.decider.decide(rows, kind, parameters.seed, _agents(parameters, len(rows)), parameters.sequence_start)
         outputs = self._decision_outputs(decisions, wanted)
         if any(name not in outputs for name in wanted):
             outputs |= await self._distribution_outputs(rows)
