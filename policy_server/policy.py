@@ -402,8 +402,13 @@ def build_policy(spec: PolicySpec, model: Model, info: ModelInfo) -> Policy:
     model_path = info.path
     _check_declared_state(spec, info)
     stateless = model if spec.recurrent is None else _from_zero_state(model, spec.recurrent)
+    # The state is checked first when the input size is known: a state of the wrong shape would
+    # otherwise fail the input size's probes, and be told as the wrong input size.
+    known_size = info.declared_input_size or spec.input_size
+    if spec.recurrent is not None and known_size is not None:
+        _check_state_outputs(spec, spec.recurrent, model, info, known_size)
     input_size = _input_size(spec, stateless, info)
-    if spec.recurrent is not None:
+    if spec.recurrent is not None and known_size is None:
         _check_state_outputs(spec, spec.recurrent, model, info, input_size)
     try:
         outputs = stateless(np.zeros((2, input_size), dtype=np.float32))
@@ -476,7 +481,10 @@ def _check_state_outputs(spec: PolicySpec, recurrent: Recurrent, model: Model, i
         outputs = model(np.zeros((2, input_size), np.float32), *state_tensors(recurrent, np.zeros((2, recurrent.width), np.float32)))
     except Exception as exc:
         raise ConfigError(
-            info.path, "model", f"fails on 2 rows with zero state ({shapes}): {model_error_line(exc)}", _RECURRENT_CONTRACT
+            info.path,
+            "model",
+            f"fails on 2 rows of {input_size} values with zero state ({shapes}): {model_error_line(exc)}",
+            _RECURRENT_CONTRACT,
         ) from None
     count = len(recurrent.state)
     if len(outputs) <= count:
