@@ -133,24 +133,30 @@ def check_distribution(heads: list[dict[str, Any]], expected: Expected) -> None:
 Post = Callable[..., Any]  # (path, json=..., params=...) → a response with .status_code and .json()
 
 
-def play_interleaved(post: Post, agent: RecurrentPPO, refs: list[AgentRef], steps: int, restart: dict[AgentRef, int]) -> int:
+def play_interleaved(
+    post: Post, agent: RecurrentPPO, refs: list[AgentRef], steps: int, restart: dict[AgentRef, int]
+) -> list[tuple[Any, Any]]:
     """Play the episodes' steps interleaved through `post`, each checked against sb3: its
     distribution first (`/distribution` with the episode: from its state, not advancing it), then
     its deterministic step; `restart[ref]` is the step at which that episode begins again
-    (episode_start=true). Returns the steps checked."""
+    (episode_start=true). Returns each step's answers: (distribution or None, decision)."""
     episodes = {ref: Sb3Episode(agent) for ref in refs}
     taken = dict.fromkeys(refs, 0)
+    answers: list[tuple[Any, Any]] = []
     observations = observations_of(agent, len(refs) * steps, seed=7)
     for ref in interleaved(refs, steps):
         observation, start = next(observations), restart.get(ref) == taken[ref]
         expected = episodes[ref].step(observation, start)
         body = {"obs": observation.tolist()}
+        heads = None
         if not start:
             peeked = post("/distribution", json=body, params=query(ref))
             assert peeked.status_code == 200, peeked.text
-            check_distribution(peeked.json()["heads"], expected)
+            heads = peeked.json()["heads"]
+            check_distribution(heads, expected)
         answer = post("/predict_deterministic", json=body, params=query(ref, start))
         assert answer.status_code == 200, answer.text
         check_step(answer.json(), expected)
+        answers.append((heads, answer.json()))
         taken[ref] += 1
-    return sum(taken.values())
+    return answers

@@ -64,9 +64,9 @@ def test_interleaved_episodes_answer_as_recurrent_ppo_predict(
         running_server(serve_command(folder, port), port, cwd=tmp_path) as server,
         httpx.Client(base_url=server.url, headers=api_key_header(folder), timeout=30) as client,
     ):
-        checked = play_interleaved(client.post, agents[kind], EPISODES, STEPS, restart={AgentRef("e1"): 5})
+        answered = play_interleaved(client.post, agents[kind], EPISODES, STEPS, restart={AgentRef("e1"): 5})
         info = client.get("/info").json()["recurrent"]
-    assert checked == len(EPISODES) * STEPS
+    assert len(answered) == len(EPISODES) * STEPS
     assert info["episodes"] == len(EPISODES) and info["state_size"] == 2 * 16 and info["state_bytes"] == len(EPISODES) * 2 * 16 * 4
 
 

@@ -421,7 +421,7 @@ class RayExecutor:
         first = replicas[0] if replicas else {}
         policy = {
             key: first[key]
-            for key in ("model", "format", "sha256", "version", "device", "input_size", "heads", "gpu_memory")
+            for key in ("model", "format", "sha256", "version", "device", "input_size", "heads", "state_size", "gpu_memory")
             if key in first
         }
         details = [
