@@ -19,6 +19,10 @@ replicas stay stateless), and keeps the new states the decisions bring back. An 
   never mix two policies.
 - One step of an episode at a time: a second one while the first is in flight answers 409 (its
   state would be the one before the first step).
+
+The states themselves are rows of one float32 array (`StateRows`), not an array per episode:
+100,000 small arrays freed and allocated in any order leave the heap in fragments that RSS never
+gives back, and each would be one more object for the garbage collector to scan.
 """
 
 import time
@@ -37,9 +41,38 @@ EXPIRED = "expired"
 EVICTED = "evicted"
 
 
+class StateRows:
+    """Rows of `width` float32 values, one per slot, in one array that grows by doubling up to
+    `limit` rows; a slot given back is taken again before the array grows."""
+
+    FIRST_ROWS = 64
+
+    def __init__(self, width: int, limit: int) -> None:
+        self.array = np.zeros((0, width), np.float32)
+        self.limit = limit
+        self._free: list[int] = []
+
+    def take(self) -> int:
+        if not self._free:
+            self._grow()
+        return self._free.pop()
+
+    def give_back(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def _grow(self) -> None:
+        size = len(self.array)
+        rows = min(max(2 * size, self.FIRST_ROWS), self.limit)
+        assert rows > size, "more slots taken than the limit"
+        grown = np.zeros((rows, self.array.shape[1]), np.float32)
+        grown[:size] = self.array
+        self.array = grown
+        self._free.extend(range(rows - 1, size - 1, -1))
+
+
 @dataclass
 class _Held:
-    state: np.ndarray  # [width] float32, its own array (not a view that would keep a whole batch alive)
+    slot: int  # its row in StateRows
     version: str  # that answered the episode's first step; "" until it is answered
     last_used: float
     in_flight: bool = False
@@ -61,6 +94,7 @@ class EpisodeStates:
         self.evicted = 0
         self.expired = 0
         self._clock = clock
+        self._rows = StateRows(recurrent.width, recurrent.max_episodes)
         self._held: OrderedDict[AgentRef, _Held] = OrderedDict()  # least recently used first
         self._forgotten: OrderedDict[AgentRef, str] = OrderedDict()  # why each was forgotten
 
@@ -69,8 +103,9 @@ class EpisodeStates:
 
     @property
     def state_bytes(self) -> int:
-        """The state values held (the entries' Python objects add ~0.3 KiB each: bench/RESULTS.md)."""
-        return len(self._held) * self.recurrent.width * 4
+        """The bytes of the state rows allocated (at most max_episodes rows; each episode's entry
+        adds a few hundred bytes of Python objects: bench/RESULTS.md)."""
+        return self._rows.array.nbytes
 
     def claim(self, refs: Sequence[AgentRef], start: bool, active: str) -> Claim:
         """The state of each ref's episode for its next step on version `active`, each marked in
@@ -83,21 +118,25 @@ class EpisodeStates:
                 422,
                 f"the batch names {twice} twice: a recurrent policy takes one step of an agent per request, each from the state of the last",
             )
+        if len(refs) > self.recurrent.max_episodes:
+            raise RecurrentError(
+                422, f"the batch names {len(refs)} episodes; recurrent policy '{self.policy}' keeps {self.recurrent.max_episodes:,} at most"
+            )
         for ref in refs:
             self._check(ref, start, active)
-        width = self.recurrent.width
-        rows, fresh = [], []
+        slots, fresh = [], []
         for ref in refs:
             held = self._held.get(ref)
-            begins = start or held is None
+            fresh.append(start or held is None)
             if held is None:
                 held = self._admit(ref, now)
             self._forgotten.pop(ref, None)
             self._held.move_to_end(ref)
             held.in_flight = True
-            rows.append(np.zeros(width, np.float32) if begins else held.state)
-            fresh.append(begins)
-        return Claim(tuple(refs), np.stack(rows), tuple(fresh))
+            slots.append(held.slot)
+        state = self._rows.array[slots]  # a copy: the rows may move on before the step is answered
+        state[np.array(fresh)] = 0.0
+        return Claim(tuple(refs), state, tuple(fresh))
 
     def keep(self, claim: Claim, new_state: np.ndarray, version: str) -> None:
         """The step was answered by `version`: each episode's state is now `new_state`'s row. If an
@@ -108,10 +147,13 @@ class EpisodeStates:
                 self.release(claim)
                 raise RecurrentError(409, self._retired(ref, held.version, version))
         now = self._clock()
-        for row, ref in enumerate(claim.refs):
+        slots = []
+        for ref in claim.refs:
             held = self._held.get(ref) or self._admit(ref, now)  # evicted while in flight: it is the newest now
-            held.state, held.version, held.last_used, held.in_flight = new_state[row].copy(), version, now, False
+            held.version, held.last_used, held.in_flight = version, now, False
             self._held.move_to_end(ref)
+            slots.append(held.slot)
+        self._rows.array[slots] = new_state
 
     def release(self, claim: Claim) -> None:
         """The step failed: its episodes keep the state they had; those it would have begun go."""
@@ -122,6 +164,7 @@ class EpisodeStates:
             held.in_flight = False
             if fresh and not held.version:
                 del self._held[ref]
+                self._rows.give_back(held.slot)
 
     def describe(self) -> dict[str, Any]:
         self._expire(self._clock())
@@ -168,7 +211,7 @@ class EpisodeStates:
         while len(self._held) >= self.recurrent.max_episodes:
             oldest, held = next(iter(self._held.items()))
             self._forget(oldest, held, EVICTED)
-        held = self._held[ref] = _Held(np.zeros(0, np.float32), "", now)
+        held = self._held[ref] = _Held(self._rows.take(), "", now)
         return held
 
     def _expire(self, now: float) -> None:
@@ -181,6 +224,7 @@ class EpisodeStates:
 
     def _forget(self, ref: AgentRef, held: _Held, why: str) -> None:
         del self._held[ref]
+        self._rows.give_back(held.slot)
         if not held.version:  # never answered: nothing to remember
             return
         if why == EXPIRED:
