@@ -14,6 +14,7 @@ a server holding 100,000 episodes, and after each of 3 × 20,000 more (the store
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -24,14 +25,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import run  # bench/run.py: wrk's command line, its parser and the RSS of a process tree
 import torch
 import yaml
 from sb3_contrib import RecurrentPPO
 
 from policy_server.cli import Commands
+from policy_server.experience.episodes import AgentRef
 from policy_server.loading import SCHEMA_FILE, load_policy_spec
+from policy_server.recurrent.states import EpisodeStates
 from policy_server.sb3 import RawObservations, RecurrentActor
+from policy_server.schema import Recurrent, StateTensor
 
 CONCURRENCY = 32
 LIVE_EPISODES = 1024
@@ -184,6 +189,19 @@ def memory(held: Path) -> dict[str, object]:
     return {"rss_mib_by_episodes_begun": rss, "bytes_per_episode": per_episode, "store": info}
 
 
+def store_alone(width: int) -> dict[int, float]:
+    """This process's RSS (MiB) as an `EpisodeStates` of the server's sizes takes episodes, BATCH
+    per step: the store's own memory, without a server's allocations beside it."""
+    store = EpisodeStates(Recurrent((StateTensor("state", (width,)),), max_episodes=HELD_EPISODES), "bench")
+    rss = {0: run.tree_rss_mib(os.getpid())}
+    for begun in range(BATCH, HELD_EPISODES + BEYOND_ROUNDS * MORE_EPISODES + 1, BATCH):
+        claim = store.claim([AgentRef(f"s{index}") for index in range(begun - BATCH, begun)], False, "1")
+        store.keep(claim, np.ones((BATCH, width), np.float32), "1")
+        if begun % MORE_EPISODES == 0:
+            rss[begun] = run.tree_rss_mib(os.getpid())
+    return rss
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
@@ -198,6 +216,7 @@ def main() -> None:
             "network": f"RecurrentPPO MlpLstmPolicy, LSTM {load_policy_spec(recurrent).recurrent.state[0].shape}",  # type: ignore[union-attr]
             "throughput": throughput(recurrent, stateless, arguments.duration, arguments.rounds, scratch),
             "memory": memory(held),
+            "store_alone_rss_mib": store_alone(load_policy_spec(held).recurrent.width),  # type: ignore[union-attr]
         }
     arguments.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
