@@ -141,7 +141,11 @@ def load(url: str, seconds: int, scratch: Path) -> dict[str, float]:
         str(script),
         f"{url}/predict_deterministic",
     ]
-    return run.parse_wrk(subprocess.run(command, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout)
+    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+    result = run.parse_wrk(output)
+    if not result["requests"]:  # kept, to tell a stalled server from a stalled load generator next time
+        result["wrk_output"] = output  # type: ignore[assignment]
+    return result
 
 
 def throughput(recurrent: Path, stateless: Path, seconds: int, rounds: int, scratch: Path) -> dict[str, object]:
@@ -158,7 +162,8 @@ def throughput(recurrent: Path, stateless: Path, seconds: int, rounds: int, scra
                         "episodes"
                     ]
                 runs[name].append(result)
-    median = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
+    numbers = ("requests_per_s", "requests", "p50_ms", "p99_ms", "errors", "rss_mib")
+    median = {name: {key: statistics.median(r[key] for r in rs) for key in numbers} for name, rs in runs.items()}
     ratio = median["recurrent"]["requests_per_s"] / median["stateless"]["requests_per_s"]
     return {"median": median, "runs": runs, "ratio": ratio, "target": TARGET, "met": ratio >= TARGET}
 

@@ -190,3 +190,23 @@ def test_an_episode_stays_on_its_version(agents: dict[str, RecurrentPPO], tmp_pa
     assert again.status_code == 200 and again.headers["X-Policy-Version"] == "1"
     other = _step(client, AgentRef("new"), observation)
     assert other.status_code == 200 and other.headers["X-Policy-Version"] == "1"
+
+
+def test_an_oip_sequence_is_the_episode(agents: dict[str, RecurrentPPO], folders: dict[str, Path], serve: Serve) -> None:
+    """OIP infer: `sequence_id` names the episode and `sequence_start` begins it, as predict's state does."""
+    agent, folder = agents["discrete"], folders["discrete"]
+    client = serve(folder)
+    client.headers.update(api_key_header(folder))
+    path = f"/v2/models/{folder.name}/infer"
+    episode = Sb3Episode(agent)
+    for index, observation in enumerate(observations_of(agent, 5, seed=11)):
+        parameters = {"sequence_id": "oip-1", "sequence_start": index == 0, "deterministic": True}
+        body = {"inputs": [{"name": "obs", "shape": [1, 4], "datatype": "FP32", "data": observation.tolist()}], "parameters": parameters}
+        answer = client.post(path, json=body)
+        assert answer.status_code == 200, answer.text
+        outputs = {output["name"]: output["data"] for output in answer.json()["outputs"]}
+        expected = episode.step(observation)
+        assert outputs["actions"] == expected.action
+        assert expected.probabilities is not None and abs(outputs["probability"][0] - expected.probabilities[expected.action[0]]) < 1e-5
+    unnamed = client.post(path, json={"inputs": body["inputs"]})
+    assert unnamed.status_code == 400 and "is recurrent" in unnamed.json()["error"]

@@ -29,7 +29,7 @@ from policy_server.lifecycle import ServedPolicy
 from policy_server.observations import RowEncoder, float32_rows, observation_model
 from policy_server.policy import Decisions, Distributions, Kind, Task
 from policy_server.recurrent.errors import RecurrentError
-from policy_server.recurrent.states import Claim
+from policy_server.recurrent.states import Claim, EpisodeStates
 
 if TYPE_CHECKING:
     from policy_server.experience.log import ExperienceLog
@@ -58,7 +58,7 @@ class Decider:
             decisions = await self.served.admission.run(Task(rows, kind, seed))
         else:
             claim = memory.claim(self._episodes(refs), start, self.served.active)
-            decisions = await self._run_claimed(Task(rows, kind, seed, claim.state), claim)
+            decisions = await self._run_claimed(Task(rows, kind, seed, claim.state), memory, claim)
             assert isinstance(decisions, Decisions) and decisions.state is not None
             memory.keep(claim, decisions.state, decisions.version)
         assert isinstance(decisions, Decisions)
@@ -82,15 +82,14 @@ class Decider:
             result = await self.served.admission.run(Task(rows, Kind.DISTRIBUTION, seed))
         else:
             claim = memory.claim(self._episodes(refs), False, self.served.active)
-            result = await self._run_claimed(Task(rows, Kind.DISTRIBUTION, seed, claim.state), claim)
+            result = await self._run_claimed(Task(rows, Kind.DISTRIBUTION, seed, claim.state), memory, claim)
             memory.release(claim)
         assert isinstance(result, Distributions)
         return result
 
-    async def _run_claimed(self, task: Task, claim: Claim) -> Decisions | Distributions:
-        """The task's result; its episodes released if it fails (or the client goes away)."""
-        memory = self.served.memory
-        assert memory is not None
+    async def _run_claimed(self, task: Task, memory: EpisodeStates, claim: Claim) -> Decisions | Distributions:
+        """The task's result; its episodes released if it fails (or the client goes away). The
+        store is the one claimed from: a schema change meanwhile may have given the policy another."""
         try:
             result = await self.served.admission.run(task)
         except BaseException:

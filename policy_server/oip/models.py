@@ -216,6 +216,10 @@ class OipModel:
         return outputs
 
     async def _distribution_outputs(self, rows: np.ndarray) -> dict[str, Tensor]:
+        if self.served.memory is not None:  # its distribution is the episode state's, which the decision just advanced
+            raise bad_request(
+                "a recurrent policy's distribution outputs are not served here: ask /distribution?episode_id=... before the step"
+            )
         result = await self.served.admission.run(Task(rows, Kind.DISTRIBUTION))
         assert isinstance(result, Distributions)
         outputs = {}
