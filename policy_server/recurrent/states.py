@@ -149,7 +149,10 @@ class EpisodeStates:
         now = self._clock()
         slots = []
         for ref in claim.refs:
-            held = self._held.get(ref) or self._admit(ref, now)  # evicted while in flight: it is the newest now
+            held = self._held.get(ref)
+            if held is None:  # evicted while in flight (more steps in flight than max_episodes): it is the newest now
+                held = self._admit(ref, now)
+                self._forgotten.pop(ref, None)
             held.version, held.last_used, held.in_flight = version, now, False
             self._held.move_to_end(ref)
             slots.append(held.slot)
