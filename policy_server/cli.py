@@ -238,6 +238,8 @@ class Commands:
         if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="policy-server-metrics-")
         raise_descriptor_limit()
+        if workers > 1:
+            _refuse_recurrent_policies(Settings.from_env())
         # Several workers with backend ray share one Ray and one application per policy (ray_workers.py).
         shared = workers > 1 and _serves_with_ray(Settings.from_env())
         with shared_ray(Settings.from_env()) if shared else nullcontext():
@@ -265,6 +267,18 @@ def _serves_with_ray(settings: Settings) -> bool:
         return any(choose_backend(spec, settings) == "ray" for spec in specs)
     except ConfigError:
         return False
+
+
+def _refuse_recurrent_policies(settings: Settings) -> None:
+    """Exit 1 with one line before any worker starts: each would refuse a recurrent policy (and be started again)."""
+    from policy_server.server import refuse_recurrent_with_workers
+
+    for source in scan(settings.policy_dir).policies.values():
+        if source.spec is not None:
+            try:
+                refuse_recurrent_with_workers(source.spec, settings)
+            except ConfigError as error:
+                _fail(f"policy-server: cannot start: {error}")
 
 
 def _openapi(directory: str) -> tuple[dict[str, Any], str]:

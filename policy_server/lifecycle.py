@@ -26,6 +26,7 @@ from policy_server.errors import ConfigError, first_line
 from policy_server.executors import Executor
 from policy_server.loading import ModelVersion
 from policy_server.metrics import Metrics, PolicyMetrics
+from policy_server.recurrent.states import EpisodeStates
 from policy_server.repository import FileStamp, PolicySource, Snapshot, VersionSource, read_policy, scan
 from policy_server.schema import PolicySpec
 
@@ -97,6 +98,7 @@ class ServedPolicy:
     versions: dict[str, VersionStatus] = field(default_factory=dict)
     chosen: str | None = None  # by an operator (PUT /policies/{name}/active): overrides the highest
     last_error: str | None = None
+    memory: EpisodeStates | None = None  # a recurrent policy's episodes' states (shared by its root and named routes)
 
     @property
     def name(self) -> str:
@@ -206,6 +208,7 @@ class Registry:
         executor = self.build_executor(_model_version(source, wanted), metrics)
         admission = Admission(executor, self.max_queue, metrics.count_shed if metrics is not None else None)
         served = ServedPolicy(source, source.spec, executor, admission, wanted.label, source.stamps(wanted.label), metrics)
+        served.memory = _memory_for(served, source.spec)
         served.note_versions_on_disk(source)
         served.status(wanted.label).state = VersionState.LOADING
         return served
@@ -324,6 +327,8 @@ class Registry:
             raise VersionRejected(reason) from None
         schema_changed = source.spec != served.spec
         served.source, served.spec = source, source.spec
+        if schema_changed:
+            served.memory = _memory_for(served, source.spec)
         served.active_files = source.stamps(version.label)
         self._mark_active(served, version.label)
         logger.info("policy %s: version %s is active (%s)", served.name, version.label, version.model_file)
@@ -375,6 +380,19 @@ class Registry:
         await asyncio.sleep(RETIRE_GRACE_S)  # requests routed just before reach the executor, which answers them
         await served.executor.stop()
         logger.info("policy %s: retired (its folder is gone)", name)
+
+
+def _memory_for(served: ServedPolicy, spec: PolicySpec) -> EpisodeStates | None:
+    """The store of a recurrent policy's episodes: kept across a switch to a version of the same
+    state (its episodes then answer 409, pinned to their version), new for a new recurrent section."""
+    if spec.recurrent is None:
+        return None
+    if served.memory is not None and served.memory.recurrent == spec.recurrent:
+        return served.memory
+    store = EpisodeStates(spec.recurrent, spec.name)
+    if served.metrics is not None:
+        served.metrics.watch_episodes(store)
+    return store
 
 
 def _model_version(source: PolicySource, version: VersionSource) -> ModelVersion:

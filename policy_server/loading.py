@@ -69,5 +69,6 @@ def load_version(version: ModelVersion, device: str = "cpu", cache_dir: Path | N
         candidate_input_sizes=runtime.candidate_input_sizes,
         sha256=runtime.sha256,
         version=version.label,
+        declared_state_shapes=runtime.state_shapes,
     )
     return build_policy(version.spec, runtime, info)

@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 if TYPE_CHECKING:
     from policy_server.admission import Admission
     from policy_server.policy import Decisions
+    from policy_server.recurrent.states import EpisodeStates
 
 disable_created_metrics()  # the *_created series double the output and no dashboard reads them
 
@@ -179,6 +180,16 @@ class Metrics:
         self.queued = Gauge(
             "policy_server_queued_requests", "Requests waiting or running now.", ["policy"], registry=registry, multiprocess_mode="livesum"
         )
+        # A recurrent policy's episode store, read at each scrape (one API process: DESIGN.md §13).
+        self.episodes = {
+            name: Gauge(f"policy_server_recurrent_{name}", doc, ["policy"], registry=registry, multiprocess_mode="livesum")
+            for name, doc in (
+                ("episodes", "Episodes whose state a recurrent policy holds now."),
+                ("state_bytes", "Bytes of the state values those episodes hold."),
+                ("evicted_episodes", "Episodes forgotten because more than recurrent.max_episodes were held (since start)."),
+                ("expired_episodes", "Episodes forgotten after recurrent.idle_expiry_seconds idle (since start)."),
+            )
+        }
 
     def warn_if_counts_split(self) -> None:
         """Under a uvicorn supervisor (--workers, --reload) each worker would count alone."""
@@ -238,6 +249,13 @@ class PolicyMetrics:
         self.metrics.queue_limit.labels(self.policy).set(admission.limit)
         if not self.metrics.multiprocess:  # a callback reads this process only: workers report their bound and sheds
             self.metrics.queued.labels(self.policy).set_function(lambda: admission.admitted)
+
+    def watch_episodes(self, store: "EpisodeStates") -> None:
+        """A recurrent policy's episodes held, their state's bytes, and those evicted and expired."""
+        readings = {"episodes": store.__len__, "state_bytes": lambda: store.state_bytes}
+        readings |= {"evicted_episodes": lambda: store.evicted, "expired_episodes": lambda: store.expired}
+        for name, read in readings.items():
+            self.metrics.episodes[name].labels(self.policy).set_function(read)
 
     def count_failed_version(self, version: str) -> None:
         self.metrics.version_failures.labels(self.policy, version).inc()

@@ -3,6 +3,10 @@
 All model math lives here, for every route and every backend: executors only move `Task`s in and
 results out. One forward pass serves a whole batch of tasks; the distribution math is vectorised
 over the batch (numpy, float64 so probabilities sum to 1 and masked ones are exactly 0).
+
+A recurrent policy's tasks carry their episodes' state (flat: [rows, width], every state tensor's
+values in the schema's order), which is cut into the model's state tensors and stacked with the
+other tasks' like the rows; each decision carries its row's new state back. The policy keeps none.
 """
 
 import enum
@@ -11,7 +15,7 @@ import random
 import re
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +23,11 @@ import numpy as np
 
 from policy_server.errors import ConfigError, InputError, PolicyFailure, model_error_line
 from policy_server.observations import RowEncoder, example_observation
-from policy_server.schema import ContinuousHead, DiscreteHead, Head, PolicySpec
+from policy_server.schema import ContinuousHead, DiscreteHead, Head, PolicySpec, Recurrent
 
 logger = logging.getLogger("policy_server")
 
-Model = Callable[[np.ndarray], list[np.ndarray]]
+Model = Callable[..., list[np.ndarray]]  # rows (then a recurrent model's state tensors) → outputs [B, k] each
 _HUGE = 1e300
 # A model whose file does not declare its input size is tried on zero rows of a few sizes.
 MAX_PROBES = 16
@@ -40,11 +44,13 @@ class Kind(enum.Enum):
 
 @dataclass(frozen=True)
 class Task:
-    """One request's rows and what it asks of them. `seed` makes sampling reproducible."""
+    """One request's rows and what it asks of them. `seed` makes sampling reproducible. `state`:
+    a recurrent policy's state of each row's episode, [rows, width] float32 (None: all zeros)."""
 
     rows: np.ndarray
     kind: Kind
     seed: int | None = None
+    state: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,8 @@ class Decisions:
     # `actions` as one [rows, values] array, for the experience log: its steps wait for a flush
     # (up to a second), and a list per row would be one more object for every collection to scan.
     action_values: np.ndarray | None = field(default=None, compare=False)
+    # A recurrent policy's new state of each row's episode, [rows, width] float32.
+    state: np.ndarray | None = field(default=None, compare=False)
 
     def take(self, rows: Sequence[int]) -> "Decisions":
         """The decisions of these rows only."""
@@ -74,6 +82,7 @@ class Decisions:
             None if head_p is None else head_p[index],
             None if head_logp is None else head_logp[index],
             None if self.action_values is None else self.action_values[index],
+            None if self.state is None else self.state[index],
         )
 
 
@@ -107,6 +116,7 @@ class ModelInfo:
     candidate_input_sizes: tuple[int, ...] = ()  # when it says nothing: sizes worth trying on it
     sha256: str = ""
     version: str = "1"  # of the policy: which models/N/ it came from
+    declared_state_shapes: tuple[tuple[int | None, ...], ...] | None = None  # the inputs after the rows, if the file says
 
     @property
     def name(self) -> str:
@@ -127,9 +137,17 @@ class Policy:
     """A model plus the heads read from its outputs."""
 
     def __init__(
-        self, model: Model, info: ModelInfo, input_size: int, heads: Sequence[Head], slots: Sequence[OutputSlot], mask_columns: slice | None
+        self,
+        model: Model,
+        info: ModelInfo,
+        input_size: int,
+        heads: Sequence[Head],
+        slots: Sequence[OutputSlot],
+        mask_columns: slice | None,
+        recurrent: Recurrent | None = None,
     ) -> None:
         self.model = model
+        self.recurrent = recurrent
         self.info = info
         self.input_size = input_size
         self.heads = tuple(heads)
@@ -151,6 +169,7 @@ class Policy:
             "device": self.info.device,
             "input_size": self.input_size,
             "heads": [describe_head(head) for head in self.heads],
+            "state_size": None if self.recurrent is None else self.recurrent.width,
         }
 
     def run(self, tasks: Sequence[Task]) -> list[Result]:
@@ -159,13 +178,18 @@ class Policy:
         valid = [i for i, r in enumerate(results) if r is None]
         if len(valid) == 1:  # the rows as they are: no concatenation, no slicing back
             (only,) = valid
-            results[only] = self._answer(tasks[only], self.parameters(tasks[only].rows))
+            outputs, state = self._forward(tasks[only].rows, tasks[only].state)
+            results[only] = self._answer(tasks[only], self._heads(outputs, tasks[only].rows), state)
         elif valid:
-            parameters = self.parameters(np.concatenate([tasks[i].rows for i in valid]))
+            rows = np.concatenate([tasks[i].rows for i in valid])
+            outputs, state = self._forward(rows, self._stacked_state([tasks[i] for i in valid]))
+            parameters = self._heads(outputs, rows)
             start = 0
             for i in valid:
                 stop = start + len(tasks[i].rows)
-                results[i] = self._answer(tasks[i], [_rows(p, start, stop) for p in parameters])
+                results[i] = self._answer(
+                    tasks[i], [_rows(p, start, stop) for p in parameters], None if state is None else state[start:stop]
+                )
                 start = stop
         return results  # type: ignore[return-value]
 
@@ -173,10 +197,35 @@ class Policy:
         width = task.rows.shape[1]
         if width != self.input_size:
             return InputError(("body",), f"the observation gives {width} values; the model takes {self.input_size}", "input_size")
+        if task.state is not None and (self.recurrent is None or task.state.shape != (len(task.rows), self.recurrent.width)):
+            held = task.state.shape[1]
+            return InputError(
+                ("query", "episode_id"),
+                f"the episode's state holds {held} values per row, which version {self.info.version} does not take",
+                "state_size",
+            )
         return None
 
-    def parameters(self, rows: np.ndarray) -> list[HeadParameters]:
-        outputs = self.model(rows)
+    def _stacked_state(self, tasks: Sequence[Task]) -> np.ndarray | None:
+        if self.recurrent is None:
+            return None
+        width = self.recurrent.width
+        return np.concatenate([task.state if task.state is not None else np.zeros((len(task.rows), width), np.float32) for task in tasks])
+
+    def _forward(self, rows: np.ndarray, state: np.ndarray | None) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """The model's outputs for the rows and, for a recurrent policy, the new state [rows, width]."""
+        if self.recurrent is None:
+            return self.model(rows), None
+        if state is None:
+            state = np.zeros((len(rows), self.recurrent.width), np.float32)
+        outputs = self.model(rows, *state_tensors(self.recurrent, state))
+        count = len(self.recurrent.state)
+        return outputs[:-count], np.concatenate(outputs[-count:], axis=1)
+
+    def parameters(self, rows: np.ndarray, state: np.ndarray | None = None) -> list[HeadParameters]:
+        return self._heads(self._forward(rows, state)[0], rows)
+
+    def _heads(self, outputs: list[np.ndarray], rows: np.ndarray) -> list[HeadParameters]:
         mask = rows[:, self.mask_columns] > 0.5 if self.mask_columns is not None else None
         parameters = []
         discrete_index = 0
@@ -193,8 +242,8 @@ class Policy:
                 parameters.append(HeadParameters(head, mean=values))
         return parameters
 
-    def _answer(self, task: Task, parameters: list[HeadParameters]) -> Result:
-        if not _all_finite(parameters):
+    def _answer(self, task: Task, parameters: list[HeadParameters], state: np.ndarray | None) -> Result:
+        if not _all_finite(parameters) or (state is not None and not np.isfinite(state).all()):
             error_id = uuid.uuid4().hex[:12]
             logger.error("the model gave NaN or infinite outputs for rows %s (error id %s)", task.rows.tolist(), error_id)
             return PolicyFailure(error_id)
@@ -208,7 +257,17 @@ class Policy:
         # random.Random: seeding numpy's Generator costs ~30 µs, more than the whole sampling.
         rng = random.Random(task.seed) if task.seed is not None else self._rng
         sample = task.kind is Kind.SAMPLE
-        return _decide(parameters, len(task.rows), rng if sample else None, self.info.version)
+        decisions = _decide(parameters, len(task.rows), rng if sample else None, self.info.version)
+        return decisions if state is None else replace(decisions, state=state)
+
+
+def state_tensors(recurrent: Recurrent, state: np.ndarray) -> list[np.ndarray]:
+    """The flat state [B, width] as the model takes it: one [B, *shape] array per state tensor."""
+    tensors, start = [], 0
+    for tensor in recurrent.state:
+        tensors.append(np.ascontiguousarray(state[:, start : start + tensor.width]).reshape(len(state), *tensor.shape))
+        start += tensor.width
+    return tensors
 
 
 def _all_finite(parameters: list[HeadParameters]) -> bool:
@@ -341,9 +400,18 @@ def build_policy(spec: PolicySpec, model: Model, info: ModelInfo) -> Policy:
     A mismatch is the user's to fix, so it is a `ConfigError` naming both sizes.
     """
     model_path = info.path
-    input_size = _input_size(spec, model, info)
+    _check_declared_state(spec, info)
+    stateless = model if spec.recurrent is None else _from_zero_state(model, spec.recurrent)
+    # The state is checked first when the input size is known: a state of the wrong shape would
+    # otherwise fail the input size's probes, and be told as the wrong input size.
+    known_size = info.declared_input_size or spec.input_size
+    if spec.recurrent is not None and known_size is not None:
+        _check_state_outputs(spec, spec.recurrent, model, info, known_size)
+    input_size = _input_size(spec, stateless, info)
+    if spec.recurrent is not None and known_size is None:
+        _check_state_outputs(spec, spec.recurrent, model, info, input_size)
     try:
-        outputs = model(np.zeros((2, input_size), dtype=np.float32))
+        outputs = stateless(np.zeros((2, input_size), dtype=np.float32))
     except Exception as exc:
         raise ConfigError(
             model_path,
@@ -353,9 +421,87 @@ def build_policy(spec: PolicySpec, model: Model, info: ModelInfo) -> Policy:
         ) from None
     heads, slots = _read_heads(spec, [o.shape[1] for o in outputs], model_path)
     mask_columns = _mask_columns(spec, heads)
-    policy = Policy(model, info, input_size, heads, slots, mask_columns)
+    policy = Policy(model, info, input_size, heads, slots, mask_columns, spec.recurrent)
     _refuse_non_finite_outputs(policy, spec)
     return policy
+
+
+_RECURRENT_CONTRACT = "export it as forward(obs[B, D], *state) -> (outputs..., *new_state), each state tensor [B, ...]"
+
+
+def _from_zero_state(model: Model, recurrent: Recurrent) -> Model:
+    """The model's outputs (less its new state) for rows of new episodes: what the checks probe."""
+
+    def outputs(rows: np.ndarray) -> list[np.ndarray]:
+        zeros = np.zeros((len(rows), recurrent.width), np.float32)
+        return model(rows, *state_tensors(recurrent, zeros))[: -len(recurrent.state)]
+
+    return outputs
+
+
+def _check_declared_state(spec: PolicySpec, info: ModelInfo) -> None:
+    """The state inputs the model file declares (.pt2, ONNX) against the schema's `recurrent.state`."""
+    declared = info.declared_state_shapes
+    if declared is None:
+        return
+    if spec.recurrent is None:
+        if declared:
+            raise ConfigError(
+                spec.path,
+                "recurrent",
+                f"the model takes {len(declared)} input(s) after the rows (a recurrent policy's state?) and the schema has no recurrent section",
+                "declare them, e.g. 'recurrent: {state: [{name: h, shape: [1, 64]}]}' (shapes without the batch dimension)",
+            )
+        return
+    wanted = spec.recurrent.state
+    if len(declared) != len(wanted):
+        raise ConfigError(
+            spec.path,
+            "recurrent.state",
+            f"lists {len(wanted)} state tensor(s); the model takes {len(declared)} input(s) after the rows",
+            "list one entry per state input of the model, in its order",
+        )
+    for index, (tensor, shape) in enumerate(zip(wanted, declared, strict=True)):
+        if len(shape) != len(tensor.shape) or any(
+            size is not None and size != want for size, want in zip(shape, tensor.shape, strict=True)
+        ):
+            model_shape = [size if size is not None else "any" for size in shape]
+            raise ConfigError(
+                spec.path,
+                f"recurrent.state[{index}].shape",
+                f"is {list(tensor.shape)} for '{tensor.name}'; the model's input takes {model_shape} (less the batch dimension)",
+                f"write the model's shape: 'shape: {model_shape}'",
+            )
+
+
+def _check_state_outputs(spec: PolicySpec, recurrent: Recurrent, model: Model, info: ModelInfo, input_size: int) -> None:
+    """The model runs on zero state of the schema's shapes and returns a new state of those sizes."""
+    shapes = ", ".join(f"{tensor.name} {list(tensor.shape)}" for tensor in recurrent.state)
+    try:
+        outputs = model(np.zeros((2, input_size), np.float32), *state_tensors(recurrent, np.zeros((2, recurrent.width), np.float32)))
+    except Exception as exc:
+        raise ConfigError(
+            info.path,
+            "model",
+            f"fails on 2 rows of {input_size} values with zero state ({shapes}): {model_error_line(exc)}",
+            _RECURRENT_CONTRACT,
+        ) from None
+    count = len(recurrent.state)
+    if len(outputs) <= count:
+        raise ConfigError(
+            info.path,
+            "model",
+            f"returns {len(outputs)} tensor(s); a recurrent model returns its outputs, then its {count} new state tensor(s)",
+            _RECURRENT_CONTRACT,
+        )
+    for index, (tensor, output) in enumerate(zip(recurrent.state, outputs[-count:], strict=True)):
+        if output.shape[1] != tensor.width:
+            raise ConfigError(
+                spec.path,
+                f"recurrent.state[{index}].shape",
+                f"{list(tensor.shape)} holds {tensor.width} values per row; the model returns {output.shape[1]} for '{tensor.name}'",
+                "write the shape of the state tensor the model returns (without the batch dimension)",
+            )
 
 
 def _input_size(spec: PolicySpec, model: Model, info: ModelInfo) -> int:

@@ -1,5 +1,8 @@
 """Model files → one callable: float32 rows [B, D] → the model's raw outputs, as 2-D arrays.
 
+A recurrent model takes its state tensors after the rows (`forward(obs, *state)`, each state
+tensor [B, ...]) and returns its new state after its outputs; the callable passes them through.
+
 Formats: `.pt2` (torch.export, what torch recommends), `.pt` (TorchScript, what most existing
 policies are), `.onnx` (run with onnxruntime, an optional extra) and `saved_model.zip` (a bundle
 holding one of them, optionally with a schema.yaml). Nothing here knows about schemas or HTTP.
@@ -35,19 +38,22 @@ BUNDLE_SCHEMA = "schema.yaml"
 @dataclass
 class Runtime:
     """A loaded model. `input_size` is what the file says it takes (None: the file does not say);
-    then `candidate_input_sizes` are the sizes worth trying on it (its weights' dimensions)."""
+    then `candidate_input_sizes` are the sizes worth trying on it (its weights' dimensions).
+    `state_shapes`: the shapes (less the batch dimension, None for a dynamic size) of the inputs
+    after the rows, as the file declares them; None when the file does not say (TorchScript)."""
 
     path: Path
     format: str
-    forward: Callable[[torch.Tensor], Any]
+    forward: Callable[..., Any]
     input_size: int | None
     device: str = "cpu"
     sha256: str = ""  # of the file as served, so /info tells which model answers
     candidate_input_sizes: tuple[int, ...] = ()
+    state_shapes: tuple[tuple[int | None, ...], ...] | None = None
 
-    def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
+    def __call__(self, rows: np.ndarray, *state: np.ndarray) -> list[np.ndarray]:
         with torch.inference_mode():
-            outputs = self.forward(torch.from_numpy(rows).to(self.device))
+            outputs = self.forward(torch.from_numpy(rows).to(self.device), *(torch.from_numpy(s).to(self.device) for s in state))
         return [_as_matrix(output, len(rows)) for output in _flatten_outputs(outputs)]
 
 
@@ -243,7 +249,8 @@ def _load_exported(path: Path, data: bytes, device: str = "cpu", cache: TraceCac
     forward, width = _exported_forward(program), _exported_width(program)
     if cache is not None and width is not None and isinstance(forward, torch.jit.ScriptModule):
         cache.save(forward, width)
-    return Runtime(path=path, format="torch.export", forward=forward, input_size=width, device=device)
+    state_shapes = tuple(shape[1:] for shape in _exported_input_shapes(program)[1:])
+    return Runtime(path=path, format="torch.export", forward=forward, input_size=width, device=device, state_shapes=state_shapes)
 
 
 class _KeptRecords(logging.Handler):
@@ -277,12 +284,21 @@ def _export_load(path: Path, data: bytes) -> torch.export.ExportedProgram:
 
 
 def _exported_width(program: torch.export.ExportedProgram) -> int | None:
+    shapes = _exported_input_shapes(program)
+    if not shapes:
+        return None
+    first = shapes[0]
+    return first[1] if len(first) == 2 else None
+
+
+def _exported_input_shapes(program: torch.export.ExportedProgram) -> list[tuple[int | None, ...]]:
+    """Each user input's shape, in order; None for a dynamic size."""
     user_inputs = set(program.graph_signature.user_inputs)
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name in user_inputs:
-            shape = node.meta["val"].shape
-            return int(shape[1]) if len(shape) == 2 and isinstance(shape[1], int) else None
-    return None
+    return [
+        tuple(int(size) if isinstance(size, int) else None for size in node.meta["val"].shape)
+        for node in program.graph.nodes
+        if node.op == "placeholder" and node.name in user_inputs
+    ]
 
 
 def _exported_forward(program: torch.export.ExportedProgram) -> Callable[[torch.Tensor], Any]:
@@ -391,15 +407,20 @@ def _load_onnx(path: Path, data: bytes) -> Runtime:
     source = str(path) if path.suffix == ".onnx" else data
     session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     inputs = session.get_inputs()
-    if len(inputs) != 1 or inputs[0].type != "tensor(float)":
+    if not inputs or any(i.type != "tensor(float)" for i in inputs):
         found = ", ".join(f"{i.name}: {i.type}" for i in inputs)
         raise ConfigError(
-            path, "model", f"an ONNX policy takes one float32 input [batch, size] (this one takes {found})", _SAVE_HINTS[".onnx"]
+            path,
+            "model",
+            f"an ONNX policy takes float32 inputs: the rows [batch, size], then a recurrent policy's state (this one takes {found})",
+            _SAVE_HINTS[".onnx"],
         )
-    name, shape = inputs[0].name, inputs[0].shape
+    names, shape = [i.name for i in inputs], inputs[0].shape
     width = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
+    state_shapes = tuple(tuple(size if isinstance(size, int) else None for size in i.shape[1:]) for i in inputs[1:])
 
-    def forward(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.from_numpy(output) for output in session.run(None, {name: rows.numpy()}))
+    def forward(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feed = {name: tensor.numpy() for name, tensor in zip(names, tensors, strict=True)}
+        return tuple(torch.from_numpy(output) for output in session.run(None, feed))
 
-    return Runtime(path=path, format="onnx", forward=forward, input_size=width)
+    return Runtime(path=path, format="onnx", forward=forward, input_size=width, state_shapes=state_shapes)

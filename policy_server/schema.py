@@ -7,6 +7,7 @@ whitelist, never evaluated.
 """
 
 import difflib
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -97,6 +98,33 @@ class Experience:
 
 
 @dataclass(frozen=True)
+class StateTensor:
+    """One tensor of a recurrent policy's state, per row: `shape` leaves out the batch dimension."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Recurrent:
+    """A policy with memory (policy_server/recurrent/): the state tensors its model takes after the
+    observation rows and returns after its outputs, and how many episodes' states are kept, how long."""
+
+    state: tuple[StateTensor, ...]
+    idle_expiry_s: float = 900.0  # an episode idle this long is forgotten; its next step answers 409
+    max_episodes: int = 10_000  # beyond, the least recently used episode is forgotten (409 likewise)
+
+    @property
+    def width(self) -> int:
+        """Values of all state tensors of one row, as the server keeps them (flat, in order)."""
+        return sum(tensor.width for tensor in self.state)
+
+
+@dataclass(frozen=True)
 class PolicySpec:
     """A parsed, validated schema.yaml."""
 
@@ -112,6 +140,7 @@ class PolicySpec:
     model_path: Path | None = None  # None: the model file found in models/
     serving: Serving = Serving()
     experience: Experience | None = None  # None: not logged (unless POLICY_SERVER_EXPERIENCE_DIR)
+    recurrent: Recurrent | None = None  # None: a policy without memory
 
     @property
     def input_size(self) -> int | None:
@@ -162,6 +191,13 @@ class PolicySpec:
                 "replicas": self.serving.replicas,
                 "num_gpus": self.serving.num_gpus,
             },
+            "recurrent": None
+            if self.recurrent is None
+            else {
+                "state": [{"name": tensor.name, "shape": list(tensor.shape)} for tensor in self.recurrent.state],
+                "idle_expiry_seconds": self.recurrent.idle_expiry_s,
+                "max_episodes": self.recurrent.max_episodes,
+            },
         }
 
 
@@ -182,7 +218,9 @@ def parse_spec(data: bytes, path: Path) -> PolicySpec:
         raise ConfigError(path, "file", f"is not UTF-8 text (byte {exc.start})", "save it as UTF-8") from None
     document = _read_yaml(text, path)
     reader = _Reader(path)
-    reader.known_keys(document, "", ("name", "parameters", "observations", "actions", "action_mask", "model", "serving", "experience"))
+    reader.known_keys(
+        document, "", ("name", "parameters", "observations", "actions", "action_mask", "model", "serving", "experience", "recurrent")
+    )
     parameters = reader.mapping(document.get("parameters"), "parameters", required=True)
     reader.known_keys(parameters, "parameters", ("discrete", "tuple", "api_key", "url_path"))
     if "discrete" not in parameters:
@@ -206,6 +244,7 @@ def parse_spec(data: bytes, path: Path) -> PolicySpec:
         model_path=_model_path(reader, document.get("model")),
         serving=_serving(reader, document.get("serving")),
         experience=_experience(reader, document.get("experience"), path),
+        recurrent=_recurrent(reader, document.get("recurrent")),
     )
     _check_mask_length(spec)
     return spec
@@ -616,3 +655,36 @@ def _pinned_version(reader: _Reader, raw: Any) -> str | None:
             "serving.version", f"{raw!r} is not a version number", "write the number of a folder in models/, e.g. 'version: 2'"
         )
     return str(int(text))
+
+
+def _recurrent(reader: _Reader, raw: Any) -> Recurrent | None:
+    if raw is None:
+        return None
+    section = reader.mapping(raw, "recurrent")
+    reader.known_keys(section, "recurrent", ("state", "idle_expiry_seconds", "max_episodes"))
+    entries = section.get("state")
+    example = "'state: [{name: h, shape: [1, 64]}, {name: c, shape: [1, 64]}]'"
+    if not isinstance(entries, list) or not entries:
+        raise reader.fail("recurrent.state", "must list the model's state tensors", f"write e.g. {example}")
+    state = tuple(_state_tensor(reader, index, entry, example) for index, entry in enumerate(entries))
+    names = [tensor.name for tensor in state]
+    if len(set(names)) != len(names):
+        raise reader.fail("recurrent.state", f"names repeat ({', '.join(names)})", "give every state tensor its own name")
+    defaults = Recurrent(state)
+    expiry = reader.number(section.get("idle_expiry_seconds", defaults.idle_expiry_s), "recurrent.idle_expiry_seconds")
+    if not 0 < expiry < float("inf"):
+        raise reader.fail("recurrent.idle_expiry_seconds", "must be a positive number", "write e.g. 'idle_expiry_seconds: 900'")
+    episodes = reader.count(section.get("max_episodes", defaults.max_episodes), "recurrent.max_episodes", smallest=1)
+    return Recurrent(state, expiry, episodes)
+
+
+def _state_tensor(reader: _Reader, index: int, raw: Any, example: str) -> StateTensor:
+    key = f"recurrent.state[{index}]"
+    entry = reader.mapping(raw, key, required=True)
+    reader.known_keys(entry, key, ("name", "shape"))
+    if "name" not in entry or "shape" not in entry:
+        raise reader.fail(key, "needs a name and a shape (without the batch dimension)", f"write e.g. {example}")
+    shape = entry["shape"]
+    if not isinstance(shape, list) or not shape:
+        raise reader.fail(f"{key}.shape", f"must be a list of sizes, not {shape!r}", "write e.g. 'shape: [1, 64]' (no batch dimension)")
+    return StateTensor(reader.text(entry["name"], f"{key}.name"), tuple(reader.count(size, f"{key}.shape", smallest=1) for size in shape))

@@ -31,7 +31,7 @@ def build_app(settings: Settings) -> FastAPI:
         settings.max_queue,
         metrics,
         settings.default_policy,
-        admit=lambda spec: require_api_key(spec, settings),
+        admit=lambda spec: admit_policy(spec, settings),
     )
     registry.load()
     return create_app(
@@ -52,6 +52,24 @@ def grpc_options(settings: Settings) -> GrpcOptions | None:
     if settings.grpc_port is None:
         return None
     return GrpcOptions(settings.grpc_port, shared_port=settings.workers > 1, max_message_bytes=settings.max_body_bytes)
+
+
+def admit_policy(spec: PolicySpec, settings: Settings) -> None:
+    """Refuse, in one line, a schema these settings cannot serve."""
+    require_api_key(spec, settings)
+    refuse_recurrent_with_workers(spec, settings)
+
+
+def refuse_recurrent_with_workers(spec: PolicySpec, settings: Settings) -> None:
+    """A recurrent policy's episode states live in the API process (policy_server/recurrent/):
+    with several, an episode's next step could land on one that holds none of its memory."""
+    if spec.recurrent is not None and settings.workers > 1:
+        raise ConfigError(
+            spec.path,
+            "recurrent",
+            f"a recurrent policy keeps each episode's state in its API process, and {settings.workers} workers would split them",
+            "serve it with one worker (generate.py serve without --workers; one API process: ray replicas scale the model)",
+        )
 
 
 def require_api_key(spec: PolicySpec, settings: Settings) -> None:

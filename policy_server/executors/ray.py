@@ -121,24 +121,38 @@ class Answer:
 @dataclass(frozen=True)
 class Parcel:
     """The tasks of one handle call, as they cross processes: their rows stacked into one array
-    (pickled as one buffer, not one object per task), with each task's row count, kind and seed."""
+    (pickled as one buffer, not one object per task), with each task's row count, kind and seed;
+    a recurrent policy's states stacked likewise (the replicas keep none)."""
 
     rows: np.ndarray
     sizes: tuple[int, ...]
     kinds: tuple[Kind, ...]
     seeds: tuple[int | None, ...]
+    state: np.ndarray | None = None  # [rows, width]: every task's, as the routes send a recurrent policy's tasks
 
     @classmethod
     def of(cls, tasks: Sequence[Task]) -> "Parcel":
         rows = tasks[0].rows if len(tasks) == 1 else np.concatenate([task.rows for task in tasks])
-        return cls(rows, tuple(len(task.rows) for task in tasks), tuple(task.kind for task in tasks), tuple(task.seed for task in tasks))
+        states = [task.state for task in tasks if task.state is not None]
+        assert not states or len(states) == len(tasks), "a recurrent policy's tasks all carry their state"
+        state = None if not states else states[0] if len(states) == 1 else np.concatenate(states)
+        sizes, kinds, seeds = (
+            tuple(len(task.rows) for task in tasks),
+            tuple(task.kind for task in tasks),
+            tuple(task.seed for task in tasks),
+        )
+        return cls(rows, sizes, kinds, seeds, state)
 
     def tasks(self) -> list[Task]:
         """The tasks again. Ray hands arrays over read-only (zero-copy), which torch warns on: one copy."""
         rows = self.rows if self.rows.flags.writeable else self.rows.copy()
+        state = self.state if self.state is None or self.state.flags.writeable else self.state.copy()
         ends = np.cumsum(self.sizes).tolist()
         starts = [0, *ends[:-1]]
-        return [Task(rows[start:end], kind, seed) for start, end, kind, seed in zip(starts, ends, self.kinds, self.seeds, strict=True)]
+        return [
+            Task(rows[start:end], kind, seed, None if state is None else state[start:end])
+            for start, end, kind, seed in zip(starts, ends, self.kinds, self.seeds, strict=True)
+        ]
 
 
 def forward_batches(tasks: list[Task], max_rows: int) -> Iterator[list[Task]]:
@@ -407,7 +421,7 @@ class RayExecutor:
         first = replicas[0] if replicas else {}
         policy = {
             key: first[key]
-            for key in ("model", "format", "sha256", "version", "device", "input_size", "heads", "gpu_memory")
+            for key in ("model", "format", "sha256", "version", "device", "input_size", "heads", "state_size", "gpu_memory")
             if key in first
         }
         details = [

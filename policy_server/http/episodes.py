@@ -18,6 +18,11 @@ AgentId = Annotated[
     Query(pattern=ID_PATTERN, description=f"The agent of the episode this decision is for, when it has several; {ID_RULE}."),
 ]
 
+EpisodeStart = Annotated[
+    bool,
+    Query(description="A recurrent policy: the episode begins here, from zero state (its memory so far is dropped)."),
+]
+
 
 def one_agent(episode_id: str | None, agent_id: str | None) -> list[AgentRef] | None:
     """The agent a decision is for; None when no episode is named (an agent_id alone is ignored)."""

@@ -25,6 +25,7 @@ from policy_server.errors import InputError, PolicyFailure
 from policy_server.experience.errors import EpisodeError, ExperienceUnavailable
 from policy_server.json_io import json_response
 from policy_server.oip.errors import OipError
+from policy_server.recurrent.errors import RecurrentError
 from policy_server.redaction import redact
 
 logger = logging.getLogger("policy_server")
@@ -38,19 +39,19 @@ def detail_response(status_code: int, detail: Any, headers: Mapping[str, str] | 
     return json_response({"detail": detail}, status_code=status_code, headers=dict(headers) if headers else None)
 
 
-PolicyError = InputError | PolicyFailure | Overloaded | EpisodeError | ExperienceUnavailable
-POLICY_ERRORS = (InputError, PolicyFailure, Overloaded, EpisodeError, ExperienceUnavailable)
+PolicyError = InputError | PolicyFailure | Overloaded | EpisodeError | ExperienceUnavailable | RecurrentError
+POLICY_ERRORS = (InputError, PolicyFailure, Overloaded, EpisodeError, ExperienceUnavailable, RecurrentError)
 
 
 def policy_error_response(exc: PolicyError) -> Response:
     """422 for an input the policy cannot answer (an all-masked head), 503 when the queue is full
-    or the experience log cannot keep up, 404/409 for an outcome of no (or an ended) episode, 500
-    for a policy failure."""
+    or the experience log cannot keep up, 404/409 for an outcome of no (or an ended) episode, 422/409
+    for a recurrent policy's step of no episode (or of one whose memory is gone), 500 for a policy failure."""
     if isinstance(exc, InputError):
         return detail_response(422, exc.as_detail())
     if isinstance(exc, Overloaded | ExperienceUnavailable):
         return detail_response(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
-    if isinstance(exc, EpisodeError):
+    if isinstance(exc, EpisodeError | RecurrentError):
         return detail_response(exc.status, str(exc))
     return detail_response(500, f"The policy failed on this request; the server log has the details under error id {exc.error_id}.")
 

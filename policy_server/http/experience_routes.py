@@ -1,7 +1,10 @@
 """Decisions that join an episode, and the routes that tell the log how they turned out.
 
 `Decider` is what every decision route calls: it asks the log first (a step it could not keep is
-refused with 503, before the model runs), decides, and logs the step. `POST /experience` gives an
+refused with 503, before the model runs), decides, and logs the step. For a recurrent policy it
+also claims the episodes' states from the policy's store, sends them with the rows and keeps the
+new ones (policy_server/recurrent/states.py); a request that names no episode is refused (422),
+since a policy with memory has no answer outside one. `POST /experience` gives an
 agent's last action its reward (and ends the episode); `POST /collect_experience` serves the
 original server's shape, an observation with the previous action's reward in, an action out.
 Without logging for the policy, those two routes answer 404 saying how to turn it on.
@@ -24,7 +27,9 @@ from policy_server.http.episodes import AgentId, EpisodeId
 from policy_server.json_io import json_response
 from policy_server.lifecycle import ServedPolicy
 from policy_server.observations import RowEncoder, float32_rows, observation_model
-from policy_server.policy import Decisions, Kind, Task
+from policy_server.policy import Decisions, Distributions, Kind, Task
+from policy_server.recurrent.errors import RecurrentError
+from policy_server.recurrent.states import Claim, EpisodeStates
 
 if TYPE_CHECKING:
     from policy_server.experience.log import ExperienceLog
@@ -40,14 +45,22 @@ class Decider:
     log: "ExperienceLog | None"
 
     async def decide(
-        self, rows: np.ndarray, kind: Kind, seed: int | None, refs: Sequence[AgentRef | None] | None
+        self, rows: np.ndarray, kind: Kind, seed: int | None, refs: Sequence[AgentRef | None] | None, start: bool = False
     ) -> tuple[Decisions, list[int] | None]:
         """The decisions for `rows` and, when the policy logs and rows name episodes (a ref each,
-        None for a row of none), the step indices of those rows."""
+        None for a row of none), the step indices of those rows. `start`: the episodes named
+        begin here (a recurrent policy's state starts from zeros)."""
         log = self.log if refs is not None else None
         if log is not None:
             log.admit()
-        decisions = await self.served.admission.run(Task(rows, kind, seed))
+        memory = self.served.memory
+        if memory is None:
+            decisions = await self.served.admission.run(Task(rows, kind, seed))
+        else:
+            claim = memory.claim(self._episodes(refs), start, self.served.active)
+            decisions = await self._run_claimed(Task(rows, kind, seed, claim.state), memory, claim)
+            assert isinstance(decisions, Decisions) and decisions.state is not None
+            memory.keep(claim, decisions.state, decisions.version)
         assert isinstance(decisions, Decisions)
         if self.served.metrics is not None:
             self.served.metrics.count_actions(decisions)
@@ -61,8 +74,43 @@ class Decider:
         steps = await log.record_steps(self.served.spec, agents, logged_rows, logged, deterministic=kind is Kind.DETERMINISTIC)
         return decisions, steps
 
-    async def answer_one(self, rows: np.ndarray, kind: Kind, seed: int | None, refs: list[AgentRef] | None) -> Response:
-        decisions, steps = await self.decide(rows, kind, seed, refs)
+    async def distribution(self, rows: np.ndarray, seed: int | None, refs: list[AgentRef] | None) -> Distributions:
+        """Every head's distribution for the rows; a recurrent policy's from the episode's state,
+        which this does not advance (the episode's next step starts from the same state)."""
+        memory = self.served.memory
+        if memory is None:
+            result = await self.served.admission.run(Task(rows, Kind.DISTRIBUTION, seed))
+        else:
+            claim = memory.claim(self._episodes(refs), False, self.served.active)
+            result = await self._run_claimed(Task(rows, Kind.DISTRIBUTION, seed, claim.state), memory, claim)
+            memory.release(claim)
+        assert isinstance(result, Distributions)
+        return result
+
+    async def _run_claimed(self, task: Task, memory: EpisodeStates, claim: Claim) -> Decisions | Distributions:
+        """The task's result; its episodes released if it fails (or the client goes away). The
+        store is the one claimed from: a schema change meanwhile may have given the policy another."""
+        try:
+            result = await self.served.admission.run(task)
+        except BaseException:
+            memory.release(claim)
+            raise
+        assert isinstance(result, Decisions | Distributions)
+        return result
+
+    def _episodes(self, refs: Sequence[AgentRef | None] | None) -> list[AgentRef]:
+        if refs is None or any(ref is None for ref in refs):
+            raise RecurrentError(
+                422,
+                f"policy '{self.served.name}' is recurrent (it keeps each episode's memory): name the episode of every observation "
+                "with ?episode_id=... (and agent_id for several agents; in a batch, per observation or in the query)",
+            )
+        return [ref for ref in refs if ref is not None]
+
+    async def answer_one(
+        self, rows: np.ndarray, kind: Kind, seed: int | None, refs: list[AgentRef] | None, start: bool = False
+    ) -> Response:
+        decisions, steps = await self.decide(rows, kind, seed, refs, start)
         return json_response(
             {"actions": decisions.actions[0], "probability": decisions.probabilities[0]}, headers=self.headers(decisions, steps)
         )

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from policy_server import __version__
 from policy_server.http.context import ServerContext
-from policy_server.http.episodes import AgentId, EpisodeId, batch_agents, one_agent
+from policy_server.http.episodes import AgentId, EpisodeId, EpisodeStart, batch_agents, one_agent
 from policy_server.http.errors import ErrorDetail
 from policy_server.http.experience_routes import Decider, add_experience_routes, add_logging_off_routes
 from policy_server.http.keys import KeyCheck
@@ -38,7 +38,7 @@ from policy_server.observations import (
     raw_observation_model,
     raw_rows,
 )
-from policy_server.policy import Distributions, Kind, Task
+from policy_server.policy import Kind
 
 Seed = Annotated[
     int | None,
@@ -117,14 +117,19 @@ def _add_observation_routes(router: APIRouter, decider: Decider, place: Placemen
         )
 
     def decision_route(path: str, kind: Kind, summary: str) -> None:
-        async def decide(observation: Observation, seed: Seed = None, episode_id: EpisodeId = None, agent_id: AgentId = None) -> Response:  # type: ignore[valid-type]
-            return await decider.answer_one(encoder.encode([observation]), kind, seed, one_agent(episode_id, agent_id))
+        async def decide(
+            observation: Observation,  # type: ignore[valid-type]
+            seed: Seed = None,
+            episode_id: EpisodeId = None,
+            agent_id: AgentId = None,
+            episode_start: EpisodeStart = False,
+        ) -> Response:
+            return await decider.answer_one(encoder.encode([observation]), kind, seed, one_agent(episode_id, agent_id), episode_start)
 
         add_route(path, decide, Decision, summary)
 
-    async def distribution(observation: Observation, seed: Seed = None) -> Response:  # type: ignore[valid-type]
-        result = await served.admission.run(Task(encoder.encode([observation]), Kind.DISTRIBUTION, seed))
-        assert isinstance(result, Distributions)
+    async def distribution(observation: Observation, seed: Seed = None, episode_id: EpisodeId = None, agent_id: AgentId = None) -> Response:  # type: ignore[valid-type]
+        result = await decider.distribution(encoder.encode([observation]), seed, one_agent(episode_id, agent_id))
         return json_response({"heads": result.rows[0]}, headers=_headers(served, result.version))
 
     decision_route("/predict", Kind.SAMPLE, "Sample an action from the policy")
@@ -137,9 +142,10 @@ def _add_observation_routes(router: APIRouter, decider: Decider, place: Placemen
         deterministic: bool = False,
         episode_id: str | None = None,
         named: list[tuple[str | None, str | None]] | None = None,
+        episode_start: bool = False,
     ) -> Response:
         kind = Kind.DETERMINISTIC if deterministic else Kind.SAMPLE
-        decisions, _ = await decider.decide(rows, kind, seed, batch_agents(len(rows), episode_id, named))
+        decisions, _ = await decider.decide(rows, kind, seed, batch_agents(len(rows), episode_id, named), episode_start)
         results = [{"actions": a, "probability": p} for a, p in zip(decisions.actions, decisions.probabilities, strict=True)]
         return json_response({"results": results}, headers=_headers(served, decisions.version))
 
@@ -148,11 +154,12 @@ def _add_observation_routes(router: APIRouter, decider: Decider, place: Placemen
         seed: Seed = None,
         deterministic: Annotated[bool, Query(description="The most likely actions instead of samples.")] = False,
         episode_id: EpisodeId = None,
+        episode_start: Annotated[bool, Query(description="A recurrent policy: every episode of the batch begins here.")] = False,
     ) -> Response:
         if not batch.observations:
             return json_response({"results": []}, headers={"X-Policy-Name": served.name})
         named = episode_keys_of(batch.observations, spec)
-        return await answer_rows(encoder.encode(batch.observations), seed, deterministic, episode_id, named)
+        return await answer_rows(encoder.encode(batch.observations), seed, deterministic, episode_id, named, episode_start)
 
     router.add_api_route(
         "/predict_batch",
@@ -174,8 +181,14 @@ def _add_raw_route(router: APIRouter, decider: Decider, place: Placement) -> Non
     input_size = served.executor.describe().get("input_size")  # local: the model's, known before start; ray: the schema's
     RawBody = raw_observation_model(served.spec, input_size, place.model_prefix)
 
-    async def predict_raw(body: RawBody, seed: Seed = None, episode_id: EpisodeId = None, agent_id: AgentId = None) -> Response:  # type: ignore[valid-type]
-        return await decider.answer_one(raw_rows(body), Kind.SAMPLE, seed, one_agent(episode_id, agent_id))
+    async def predict_raw(
+        body: RawBody,  # type: ignore[valid-type]
+        seed: Seed = None,
+        episode_id: EpisodeId = None,
+        agent_id: AgentId = None,
+        episode_start: EpisodeStart = False,
+    ) -> Response:
+        return await decider.answer_one(raw_rows(body), Kind.SAMPLE, seed, one_agent(episode_id, agent_id), episode_start)
 
     router.add_api_route(
         "/predict_raw",
@@ -207,7 +220,9 @@ def _add_description_routes(router: APIRouter, served: ServedPolicy, place: Plac
         queue = {"max_queue": admission.limit, "queued": admission.admitted, "shed": admission.shed, "draining": server.drain.draining}
         log = server.experience.for_policy(served.spec)
         experience = {"experience": None if log is None else log.describe()}
-        return json_response(policy | details | queue | experience | {"uptime_seconds": round(time.time() - server.started, 3)})
+        recurrent = {"recurrent": None if served.memory is None else served.memory.describe()}
+        uptime = {"uptime_seconds": round(time.time() - server.started, 3)}
+        return json_response(policy | details | queue | experience | recurrent | uptime)
 
     router.add_api_route(
         "/schema", schema, methods=["GET"], operation_id=place.operation_id("schema"), summary="The schema, without the api key"

@@ -3,8 +3,9 @@
 from policy_server.admission import Overloaded
 from policy_server.errors import InputError, PolicyFailure
 from policy_server.experience.errors import EpisodeError, ExperienceUnavailable
+from policy_server.recurrent.errors import RecurrentError
 
-PolicyError = InputError | PolicyFailure | Overloaded | EpisodeError | ExperienceUnavailable
+PolicyError = InputError | PolicyFailure | Overloaded | EpisodeError | ExperienceUnavailable | RecurrentError
 
 
 class OipError(Exception):
@@ -32,4 +33,6 @@ def from_policy_error(exc: PolicyError) -> OipError:
         return OipError(503, str(exc), exc.retry_after_s)
     if isinstance(exc, EpisodeError):
         return OipError(exc.status, str(exc))
+    if isinstance(exc, RecurrentError):  # a recurrent policy's step: no sequence named is a bad request
+        return OipError(400 if exc.status == 422 else exc.status, str(exc))
     return OipError(500, f"The policy failed on this request; the server log has the details under error id {exc.error_id}.")

@@ -90,7 +90,7 @@ class OipModel:
         wanted = self._wanted_outputs(request)
         parameters = request.parameters
         kind = Kind.DETERMINISTIC if parameters.deterministic else Kind.SAMPLE
-        decisions, _ = await self.decider.decide(rows, kind, parameters.seed, _agents(parameters, len(rows)))
+        decisions, _ = await self.decider.decide(rows, kind, parameters.seed, _agents(parameters, len(rows)), parameters.sequence_start)
         outputs = self._decision_outputs(decisions, wanted)
         if any(name not in outputs for name in wanted):
             outputs |= await self._distribution_outputs(rows)
@@ -209,6 +209,10 @@ class OipModel:
         return outputs
 
     async def _distribution_outputs(self, rows: np.ndarray) -> dict[str, Tensor]:
+        if self.served.memory is not None:  # its distribution is the episode state's, which the decision just advanced
+            raise bad_request(
+                "a recurrent policy's distribution outputs are not served here: ask /distribution?episode_id=... before the step"
+            )
         result = await self.served.admission.run(Task(rows, Kind.DISTRIBUTION))
         assert isinstance(result, Distributions)
         outputs = {}
