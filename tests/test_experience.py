@@ -13,14 +13,17 @@ from typing import Any
 
 import duckdb
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import AUTH, settings_for
 from experience_support import every_file_reads, logging_policy, parquet_files, read_table
 from fastapi.testclient import TestClient
 from scipy.stats import norm
 
+from policy_server.experience import writer
 from policy_server.experience.episodes import AgentRef, EpisodeBook, EpisodeError
-from policy_server.experience.writer import finish_merges
+from policy_server.experience.writer import finish_merges, merge_chunks
 from policy_server.http.episodes import batch_agents
 from policy_server.schema import Experience
 from policy_server.server import build_app
@@ -119,6 +122,21 @@ def test_a_merge_cut_short_after_its_rename_is_finished_at_start(tmp_path: Path)
         (part / name).write_bytes(b"x")
     finish_merges(tmp_path)
     assert sorted(path.name for path in part.iterdir()) == ["part-h-1-2-00001.parquet", "part-h-1-2-00002-c00000.parquet"]
+
+
+def test_a_merge_streams_its_chunks_in_bounded_row_groups_and_keeps_every_row_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer, "_MERGED_ROW_GROUP", 20)
+    chunks = []
+    for index in range(10):  # 7 rows each: a row group closes once 20 are buffered
+        chunks.append(tmp_path / f"part-h-1-2-00001-c{index:05d}.parquet")
+        pq.write_table(pa.table({"step": pa.array(range(index * 7, index * 7 + 7), pa.int64())}), chunks[-1])
+    merge_chunks(chunks, tmp_path / "part-h-1-2-00001.parquet")
+    merged = pq.ParquetFile(tmp_path / "part-h-1-2-00001.parquet")
+    assert [merged.metadata.row_group(i).num_rows for i in range(merged.num_row_groups)] == [21, 21, 21, 7]
+    assert merged.read().column("step").to_pylist() == list(range(70))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["part-h-1-2-00001.parquet"], "the chunks removed, nothing hidden left"
 
 
 # --- the routes ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ for it is then unknown), so a server that never hears an episode end does not gr
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from policy_server.experience.errors import EpisodeError
 
@@ -19,9 +20,10 @@ SINGLE_AGENT = ""  # the agent_id of an episode whose requests name no agent
 _ID = re.compile(ID_PATTERN)
 
 
-@dataclass(frozen=True)
-class AgentRef:
-    """One agent of one episode; `agent_id` is SINGLE_AGENT when the requests name none."""
+class AgentRef(NamedTuple):
+    """One agent of one episode; `agent_id` is SINGLE_AGENT when the requests name none. A named
+    tuple: one is made for every logged request and is the episode book's key, and a tuple is
+    built and hashed in C (a frozen dataclass's `__init__` and `__hash__` are Python's)."""
 
     episode_id: str
     agent_id: str = SINGLE_AGENT

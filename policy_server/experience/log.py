@@ -19,7 +19,7 @@ from policy_server.experience.errors import EpisodeError, ExperienceUnavailable
 from policy_server.experience.records import OUTCOMES, STEPS
 from policy_server.experience.shared import SharedEpisodes
 from policy_server.experience.tables import OutcomePiece, StepPiece, StepTable, outcomes_table
-from policy_server.experience.writer import ExperienceWriter, Partition, Pending
+from policy_server.experience.writer import ExperienceWriter, Partition
 from policy_server.policy import Decisions
 from policy_server.schema import Experience, PolicySpec
 
@@ -87,7 +87,7 @@ class ExperienceLog:
             decisions.head_log_probabilities,
             deterministic,
         )
-        self.writer.put(Pending(self._steps_partition(spec, decisions.version, now), piece, len(refs)))
+        self.writer.put(self._steps_partition(spec, decisions.version, now), piece, len(refs))
         return steps
 
     async def record_outcome(self, ref: AgentRef, outcome: Outcome) -> Rewarded:
@@ -107,7 +107,7 @@ class ExperienceLog:
             final,
             outcome.info,
         )
-        self.writer.put(Pending(self._outcomes_partition(now), piece, 1))
+        self.writer.put(self._outcomes_partition(now), piece, 1)
         return rewarded
 
     async def _shared_outcome(self, ref: AgentRef, ends: bool) -> Rewarded:

@@ -3,6 +3,8 @@ Arrow tables the writer's thread builds of many of them at once, in records.py's
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -11,11 +13,13 @@ from policy_server.experience.records import OUTCOME_SCHEMA, has_fields, step_sc
 from policy_server.schema import PolicySpec
 
 
-@dataclass(frozen=True)
-class StepPiece:
+class StepPiece(NamedTuple):
     """One request's decisions: its rows and what was answered, with each row's ids and step.
-    Tuples, not lists: a piece waits up to a flush interval, and the collector stops tracking a
-    tuple of strings or numbers the first time it sees one (a list, every collection rescans)."""
+    A named tuple, made on the event loop for every logged request: a frozen dataclass took
+    several times as long to build (a `object.__setattr__` per field), and it and its `__dict__`
+    were two objects for the collector to scan while the piece waits for the flush. Tuples, not
+    lists, inside: the collector stops tracking a tuple of strings or numbers the first time it
+    sees one (a list, every collection rescans)."""
 
     episode_ids: tuple[str, ...]
     agent_ids: tuple[str, ...]
@@ -53,18 +57,22 @@ class StepTable:
         self._mask = mask
 
     def __call__(self, pieces: Sequence[StepPiece]) -> pa.Table:
-        rows = np.concatenate([piece.rows for piece in pieces]).astype(np.float32, copy=False)
+        # the pieces' fields as columns in one pass (a piece is a tuple): most pieces are one row
+        episode_ids, agent_ids, steps, times_us, row_parts, action_parts, head_p_parts, head_logp_parts, deterministic_parts = zip(
+            *pieces, strict=True
+        )
+        rows = np.concatenate(row_parts).astype(np.float32, copy=False)
         n = len(rows)
-        head_p = np.concatenate([piece.head_probabilities for piece in pieces])
-        head_logp = np.concatenate([piece.head_log_probabilities for piece in pieces])
-        actions = np.concatenate([piece.actions for piece in pieces]).astype(np.float64, copy=False).reshape(n, -1)
-        lengths = np.fromiter((len(piece.rows) for piece in pieces), np.int64, len(pieces))
-        times = np.repeat(np.fromiter((piece.time_us for piece in pieces), np.int64, len(pieces)), lengths)
-        deterministic = np.repeat(np.fromiter((piece.deterministic for piece in pieces), np.bool_, len(pieces)), lengths)
+        head_p = np.concatenate(head_p_parts)
+        head_logp = np.concatenate(head_logp_parts)
+        actions = np.concatenate(action_parts).astype(np.float64, copy=False).reshape(n, -1)
+        lengths = np.fromiter(map(len, row_parts), np.int64, len(pieces))
+        times = np.repeat(np.array(times_us, dtype=np.int64), lengths)
+        deterministic = np.repeat(np.array(deterministic_parts, dtype=np.bool_), lengths)
         columns = {
-            "episode_id": pa.array([e for piece in pieces for e in piece.episode_ids], pa.string()),
-            "agent_id": pa.array([a for piece in pieces for a in piece.agent_ids], pa.string()),
-            "step": pa.array(np.array([s for piece in pieces for s in piece.steps], dtype=np.int64)),
+            "episode_id": pa.array(list(chain.from_iterable(episode_ids)), pa.string()),
+            "agent_id": pa.array(list(chain.from_iterable(agent_ids)), pa.string()),
+            "step": pa.array(np.fromiter(chain.from_iterable(steps), np.int64, n)),
             "time": pa.array(times, pa.timestamp("us", tz="UTC")),
             "observation": _lists(rows),
             "actions": _lists(actions),

@@ -20,7 +20,6 @@ import re
 import socket
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,23 +35,30 @@ logger = logging.getLogger("policy_server")
 TableOf = Callable[[Sequence[Any]], pa.Table]  # a partition's pending pieces → one table
 _COMPRESSION = "zstd"
 _HIDDEN = "_"  # readers skip files starting with "_" or "."
-_MERGED_ROW_GROUP = 524_288  # rows: a merge holds at most this many (and one chunk) in memory at a time
+# rows: a merge holds at most this many (and one chunk) in memory at a time; DuckDB's own row groups are ~122,880
+_MERGED_ROW_GROUP = 131_072
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Partition:
     """One directory of one table: `DIR/steps/policy=P/version=V/date=D`, and how its pieces
-    become a table."""
+    become a table. The log makes one object per directory and layout and keeps it, so it is a
+    dict key by identity: every `put` looks one up, and hashing the fields cost more."""
 
     path: Path
     table_of: TableOf  # two layouts of one directory (a schema changed) are two partitions
 
 
-@dataclass(frozen=True)
-class Pending:
-    partition: Partition
-    piece: Any
-    rows: int
+@dataclass
+class _Queued:
+    """A partition's pieces waiting for the next flush, in the order they came."""
+
+    pieces: list[Any] = field(default_factory=list)
+    rows: int = 0
+
+    def extend(self, later: "_Queued") -> None:
+        self.pieces.extend(later.pieces)
+        self.rows += later.rows
 
 
 @dataclass
@@ -83,7 +89,7 @@ class ExperienceWriter:
         self.state = WriterState()
         self._tag = _process_tag()
         self._lock = threading.Lock()
-        self._pending: list[Pending] = []
+        self._pending: dict[Partition, _Queued] = {}
         self._segments: dict[Partition, _Segment] = {}
         self._segment_numbers = 0
         self._wake = threading.Event()
@@ -97,11 +103,15 @@ class ExperienceWriter:
     def start(self) -> None:
         self._thread.start()
 
-    def put(self, pending: Pending) -> None:
-        """Queue rows for the next flush (the event loop: no disk, one short lock)."""
+    def put(self, partition: Partition, piece: Any, rows: int) -> None:
+        """Queue a piece of `rows` rows for the next flush (the event loop: no disk, one short lock)."""
         with self._lock:
-            self._pending.append(pending)
-            self.state.pending_rows += pending.rows
+            queued = self._pending.get(partition)
+            if queued is None:
+                queued = self._pending[partition] = _Queued()
+            queued.pieces.append(piece)
+            queued.rows += rows
+            self.state.pending_rows += rows
 
     def refusal(self) -> str | None:
         """Why no more rows should be accepted now, or None."""
@@ -140,25 +150,24 @@ class ExperienceWriter:
 
     def _flush(self) -> None:
         with self._lock:
-            taken, self._pending = self._pending, []
-        by_partition: dict[Partition, list[Pending]] = defaultdict(list)
-        for pending in taken:
-            by_partition[pending.partition].append(pending)
-        unwritten: list[Pending] = []
-        for partition, entries in by_partition.items():
+            taken, self._pending = self._pending, {}
+        unwritten: dict[Partition, _Queued] = {}
+        for partition, queued in taken.items():
             try:
-                self._write_chunk(partition, partition.table_of([entry.piece for entry in entries]))
+                self._write_chunk(partition, partition.table_of(queued.pieces))
             except OSError as exc:
                 self._failed(exc)
-                unwritten.extend(entries)
+                unwritten[partition] = queued
                 continue
-            written = sum(entry.rows for entry in entries)
             with self._lock:
-                self.state.pending_rows -= written
-                self.state.written_rows += written
+                self.state.pending_rows -= queued.rows
+                self.state.written_rows += queued.rows
         if unwritten:  # first in line at the next try, before what arrived meanwhile
             with self._lock:
-                self._pending[:0] = unwritten
+                for partition, arrived in self._pending.items():
+                    if partition in unwritten:
+                        unwritten[partition].extend(arrived)
+                self._pending = {**self._pending, **unwritten}
 
     def _write_chunk(self, partition: Partition, table: pa.Table) -> None:
         segment = self._segments.get(partition)
@@ -182,10 +191,12 @@ class ExperienceWriter:
             if not due(segment):
                 continue
             try:
-                _merge(segment.chunks, partition.path / self._final_name(segment))
+                merge_chunks(segment.chunks, partition.path / self._final_name(segment))
             except OSError as exc:  # the chunks stay, whole: merged at a later rotation
                 self._failed(exc)
                 continue
+            finally:
+                _return_merge_memory()
             del self._segments[partition]
             self.state.error = None
 
@@ -223,7 +234,7 @@ def _write_whole(table: pa.Table, path: Path) -> None:
         pq.write_table(table, hidden, compression=_COMPRESSION)
 
 
-def _merge(chunks: list[Path], final: Path) -> None:
+def merge_chunks(chunks: list[Path], final: Path) -> None:
     """The chunks into one file, in row groups of about _MERGED_ROW_GROUP rows: a segment of
     `rotate_mb` holds millions of rows, and read whole it took ~280 bytes of memory per row."""
     if len(chunks) == 1:
@@ -238,6 +249,12 @@ def _merge(chunks: list[Path], final: Path) -> None:
                 buffered = []
     for chunk in chunks:
         chunk.unlink(missing_ok=True)
+
+
+def _return_merge_memory() -> None:
+    """Give the merge's buffers back to the system. Arrow's allocator (mimalloc) keeps freed pages
+    for reuse: without this, RSS stayed near each merge's peak for a while after it."""
+    pa.default_memory_pool().release_unused()
 
 
 _CHUNK = re.compile(r"^(part-.+)-c\d{5}\.parquet$")
