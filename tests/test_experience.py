@@ -6,7 +6,7 @@ over real uvicorn) are in test_experience_e2e.py.
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from scipy.stats import norm
 
 from policy_server.experience import writer
 from policy_server.experience.episodes import AgentRef, EpisodeBook, EpisodeError
-from policy_server.experience.writer import finish_merges, merge_chunks
+from policy_server.experience.writer import ExperienceWriter, Partition, finish_merges, merge_chunks
 from policy_server.http.episodes import batch_agents
 from policy_server.schema import Experience
 from policy_server.server import build_app
@@ -137,6 +137,31 @@ def test_a_merge_streams_its_chunks_in_bounded_row_groups_and_keeps_every_row_in
     assert [merged.metadata.row_group(i).num_rows for i in range(merged.num_row_groups)] == [21, 21, 21, 7]
     assert merged.read().column("step").to_pylist() == list(range(70))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["part-h-1-2-00001.parquet"], "the chunks removed, nothing hidden left"
+
+
+def test_pieces_a_failed_write_kept_go_first_at_the_next_flush_before_those_that_came_after(tmp_path: Path) -> None:
+    failures = iter([OSError(28, "No space left on device")])
+
+    def table_of(pieces: Sequence[int]) -> pa.Table:  # fails once, as a full disk would
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return pa.table({"step": pa.array(pieces, pa.int64())})
+
+    log = ExperienceWriter(Experience(tmp_path, flush_s=0.02), "p")
+    partition = Partition(tmp_path / "steps", table_of)
+    log.start()
+    log.put(partition, 0, 1)
+    log.put(partition, 1, 1)
+    deadline = time.monotonic() + 10
+    while log.state.error is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert log.state.error == "No space left on device" and log.refusal() is not None
+    log.put(partition, 2, 1)  # came while the first two waited
+    log.close()
+    assert (log.state.pending_rows, log.state.written_rows, log.state.error) == (0, 3, None)
+    (merged,) = parquet_files(tmp_path)
+    assert pq.read_table(merged).column("step").to_pylist() == [0, 1, 2]
 
 
 # --- the routes ------------------------------------------------------------------------------
