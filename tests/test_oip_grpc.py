@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 from client_venvs import TRITONCLIENT, client_python, run_client
-from conftest import API_KEY, AUTH
+from conftest import API_KEY, AUTH, mouse_observation
 from ray_support import NODE_IP, policy_copy, ray_temp_dir, ready_statuses, wait_until
 from servers import REPO, Server, free_port, run, running_server, serve_command, uvicorn_command
 from test_metrics import sample_value
@@ -67,20 +67,8 @@ def job_for(servers: dict[str, tuple[Server, str]], example: str, **fields: Any)
 def observations(example: str, count: int, rng: random.Random) -> list[Observation]:
     """Valid observations of the example, within its schema's bounds."""
     if example == "mouse_and_cheese":
-        found = []
-        for _ in range(count):
-            mouse, cheese = (rng.randint(0, 5), rng.randint(0, 5)), (rng.randint(0, 5), rng.randint(0, 5))
-            found.append(
-                {
-                    "mouse_row": mouse[0],
-                    "mouse_col": mouse[1],
-                    "mouse_row_distance": cheese[0] - mouse[0],
-                    "mouse_col_distance": cheese[1] - mouse[1],
-                    "cheese_row": cheese[0],
-                    "cheese_col": cheese[1],
-                }
-            )
-        return found
+        cells = [((rng.randint(0, 5), rng.randint(0, 5)), (rng.randint(0, 5), rng.randint(0, 5))) for _ in range(count)]
+        return [mouse_observation(mouse, cheese) for mouse, cheese in cells]
     if example == "tuple_masking":
         return [
             {
