@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, REPO
 from sdk_support import OBSERVATIONS, SEED, download_sdk, example_server, rest_answers, without_nulls, wrong_key_answer
 from servers import Server
 
@@ -51,7 +51,7 @@ public class Main {
         BatchObservation agent = new BatchObservation()@FIELDS@;
         Map<String, Object> answers = new LinkedHashMap<>();
         try {
-            Decision sampled = api.predict(observation, @SEED@, null, null);
+            Decision sampled = api.predict(observation, @SEED@, null, null, null);
             List<Integer> actions = sampled.getActions();  // the SDK's types: integers, and doubles for numbers
             Double probability = sampled.getProbability();
             answers.put("predict", sampled);
@@ -59,9 +59,9 @@ public class Main {
             System.out.println("{\\"forbidden\\": " + error.getCode() + "}");
             return;
         }
-        answers.put("predict_deterministic", api.predictDeterministic(observation, null, null, null));
-        answers.put("predict_batch", api.predictBatch(new ObservationBatch().observations(List.of(agent, agent)), @SEED@, false, null));
-        answers.put("distribution", api.distribution(observation, null));
+        answers.put("predict_deterministic", api.predictDeterministic(observation, null, null, null, null));
+        answers.put("predict_batch", api.predictBatch(new ObservationBatch().observations(List.of(agent, agent)), @SEED@, false, null, null));
+        answers.put("distribution", api.distribution(observation, null, null, null));
         System.out.println(JSON.getDefault().getMapper().writeValueAsString(answers));
     }
 }
@@ -73,6 +73,7 @@ class JavaProgram:
     server: Server
     classpath: str
     observation: dict[str, Any]
+    work: Path
 
     def run(self, key: str) -> dict[str, Any]:
         command = ["java", "-cp", self.classpath, "Main", self.server.url, key]
@@ -136,7 +137,7 @@ def java_program(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         main = work / "Main.java"
         main.write_text(main_source(example))
         javac([main], f"{debian}:{work / 'sdk-classes'}", work / "main-classes")
-        yield JavaProgram(server, f"{debian}:{work / 'sdk-classes'}:{work / 'main-classes'}", OBSERVATIONS[example])
+        yield JavaProgram(server, f"{debian}:{work / 'sdk-classes'}:{work / 'main-classes'}", OBSERVATIONS[example], work)
 
 
 def test_java_sdk_answers_as_the_rest_routes(java_program: JavaProgram) -> None:
@@ -148,3 +149,32 @@ def test_java_sdk_answers_as_the_rest_routes(java_program: JavaProgram) -> None:
 def test_java_sdk_with_a_wrong_key_gets_its_api_exception_with_403(java_program: JavaProgram) -> None:
     assert wrong_key_answer(java_program.server, java_program.observation).status_code == 403
     assert java_program.run("wrong-key") == {"forbidden": 403}
+
+
+def readme_java_main() -> str:
+    """The `Main.java` the README's "Calling from Java" shows, as a user copies it."""
+    section = (REPO / "README.md").read_text().split("`Main.java` (the key goes on every request", 1)[1]
+    return section.split("```java\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("java_program", ["mouse_and_cheese"], indirect=True)
+def test_the_readmes_java_main_compiles_and_prints_what_predict_answers(java_program: JavaProgram) -> None:
+    readme = java_program.work / "readme"
+    readme.mkdir()
+    (readme / "Main.java").write_text(readme_java_main().replace("http://127.0.0.1:8000", java_program.server.url))
+    javac([readme / "Main.java"], java_program.classpath, readme / "classes")
+    command = ["java", "-cp", f"{readme / 'classes'}:{java_program.classpath}", "Main"]  # before the fixture's own Main
+    used = subprocess.run(command, capture_output=True, text=True, env={"PATH": os.environ["PATH"]}, timeout=RUN_TIMEOUT_S, check=False)
+    assert used.returncode == 0, used.stderr
+    actions, probability = used.stdout.strip().rsplit(" ", 1)
+    readme_observation = {
+        "mouse_row": 0.0,
+        "mouse_col": 0.0,
+        "mouse_row_distance": 3.0,
+        "mouse_col_distance": 2.0,
+        "cheese_row": 3.0,
+        "cheese_col": 2.0,
+    }
+    expected = rest_answers(java_program.server, readme_observation)["predict"]  # the README's seed is SEED
+    assert json.loads(actions) == expected["actions"]
+    assert float(probability) == pytest.approx(expected["probability"])
