@@ -101,6 +101,7 @@ class Run:
     switch_s: float | None = None  # from a version's rename into models/ to its being active (the switch rows)
     failure: str | None = None  # a peer that did not install or run here: why (its only row, no figures)
     logged_per_request: float | None = None  # rows the experience log took per request answered 2xx (logging configurations)
+    cpu_us_per_request: float | None = None  # the server's CPU (all its processes and threads) over the requests answered
 
 
 # --- policies to serve ------------------------------------------------------------------------
@@ -447,19 +448,43 @@ def parse_wrk(output: str) -> dict[str, float]:
     }
 
 
-def tree_rss_mib(pid: int) -> float:
-    """RSS of a process and all its descendants, from /proc."""
-    total, stack = 0, [pid]
+def _tree(pid: int) -> Iterator[int]:
+    """A process and all its descendants, from /proc (those gone meanwhile are skipped)."""
+    stack = [pid]
     while stack:
         current = stack.pop()
         try:
-            status = Path(f"/proc/{current}/status").read_text()
-            total += int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
-            for task in Path(f"/proc/{current}/task").iterdir():
-                stack.extend(int(child) for child in (task / "children").read_text().split())
+            children = [int(child) for task in Path(f"/proc/{current}/task").iterdir() for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        yield current
+        stack.extend(children)
+
+
+def tree_rss_mib(pid: int) -> float:
+    """RSS of a process and all its descendants."""
+    total = 0
+    for current in _tree(pid):
+        try:
+            total += int(re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{current}/status").read_text()).group(1))  # type: ignore[union-attr]
         except (OSError, AttributeError):
             continue
     return total / 1024
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) a process and its descendants have used so far."""
+    total = 0
+    for current in _tree(pid):
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / _CLOCK_TICKS
 
 
 def plan(config: Config, concurrencies: tuple[int, ...]) -> list[tuple[Workload, int]]:
@@ -519,8 +544,11 @@ def measure(group: list[Config], folders: dict[str, Path], duration: int, scratc
                     if not todo:
                         continue
                     logged = logged_rows(url) if config.experience else 0
+                    cpu_before = tree_cpu_s(process.pid)
                     result = wrk(url, todo[0], concurrency, max(1, duration // ROUNDS), scratch)
                     run = _run(config, todo[0], concurrency, result, process, ready_s, cold_ready_s)
+                    run = replace(run, cpu_us_per_request=1e6 * (tree_cpu_s(process.pid) - cpu_before) / max(1, result["requests"]))
+                    print(f"{'':20} server CPU {run.cpu_us_per_request:.1f} µs per request", flush=True)
                     if config.experience:
                         answered = result["requests"] - result["errors"]  # a refused request (503: the log is behind) logs nothing
                         run = replace(run, logged_per_request=(logged_rows(url) - logged) / max(1, answered))
@@ -644,14 +672,17 @@ def levels_of(config: Config, concurrencies: tuple[int, ...]) -> tuple[int, ...]
 
 
 def _median(rounds: list[Run]) -> Run:
-    """The round of median throughput, with the highest RSS seen, every error counted and the median switch time."""
+    """The round of median throughput, with the highest RSS seen, every error counted and the
+    median switch time and CPU per request."""
     middle = sorted(rounds, key=lambda run: run.requests_per_s)[len(rounds) // 2]
     switches = [r.switch_s for r in rounds if r.switch_s is not None]
+    cpu = [r.cpu_us_per_request for r in rounds if r.cpu_us_per_request is not None]
     return replace(
         middle,
         rss_mib=max(r.rss_mib for r in rounds),
         errors=sum(r.errors for r in rounds),
         switch_s=statistics.median(switches) if switches else None,
+        cpu_us_per_request=statistics.median(cpu) if cpu else None,
     )
 
 
@@ -982,8 +1013,9 @@ def experience_section(by_key: dict[tuple[str, str, int], Run], writer: list[dic
     lines = [
         "## Experience logging (issue 14)",
         "",
-        "| workload | c | logging off req/s | logging on req/s | on ÷ off | p50 ms off / on | p99 ms off / on | rows logged per request | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| workload | c | logging off req/s | logging on req/s | on ÷ off | server CPU µs/request off / on | CPU off ÷ on "
+        "| p50 ms off / on | p99 ms off / on | rows logged per request | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for (_, workload, c), on, off in pairs:
         ratio = f"{on.requests_per_s / off.requests_per_s:.2f}×" if off and off.requests_per_s else "–"
@@ -991,10 +1023,20 @@ def experience_section(by_key: dict[tuple[str, str, int], Run], writer: list[dic
         p99 = f"{off.p99_ms:.3f} / {on.p99_ms:.3f}" if off else f"– / {on.p99_ms:.3f}"
         logged = f"{on.logged_per_request:,.3f}" if on.logged_per_request is not None else "–"
         off_rate = f"{off.requests_per_s:,.0f}" if off else "–"
-        lines.append(f"| {workload} | {c} | {off_rate} | {on.requests_per_s:,.0f} | {ratio} | {p50} | {p99} | {logged} | {on.errors} |")
+        cpu, cpu_ratio = _cpu_columns(on, off)
+        lines.append(
+            f"| {workload} | {c} | {off_rate} | {on.requests_per_s:,.0f} | {ratio} | {cpu} | {cpu_ratio} | {p50} | {p99} | {logged} | {on.errors} |"
+        )
     if writer:
         lines += ["", "The writer alone (`bench/experience_writer.py`):", "", *experience_writer.section(writer)]
     return [*lines, "", EXPERIENCE_METHOD, ""]
+
+
+def _cpu_columns(on: Run, off: Run | None) -> tuple[str, str]:
+    """The server's CPU per request with logging off / on, and off ÷ on (the throughput ratio of a CPU-bound core)."""
+    if off is None or off.cpu_us_per_request is None or not on.cpu_us_per_request:
+        return "–", "–"
+    return f"{off.cpu_us_per_request:.0f} / {on.cpu_us_per_request:.0f}", f"{off.cpu_us_per_request / on.cpu_us_per_request:.2f}×"
 
 
 def experience_targets(by_key: dict[tuple[str, str, int], Run], writer: list[dict[str, Any]]) -> list[str]:
@@ -1006,6 +1048,11 @@ def experience_targets(by_key: dict[tuple[str, str, int], Run], writer: list[dic
             ratio = on.requests_per_s / off.requests_per_s
             figure = f"{ratio:.2f}× ({on.requests_per_s:,.0f} against {off.requests_per_s:,.0f} req/s)"
             rows.append(check(f"/predict logging on ≥ {LOGGING_RATIO_TARGET}× logging off at c={c}", ratio >= LOGGING_RATIO_TARGET, figure))
+        if on and off and on.cpu_us_per_request and off.cpu_us_per_request:
+            cpu_ratio = off.cpu_us_per_request / on.cpu_us_per_request
+            figure = f"{cpu_ratio:.2f}× ({off.cpu_us_per_request:.0f} against {on.cpu_us_per_request:.0f} µs of server CPU per request)"
+            label = f"/predict logging on ≥ {LOGGING_RATIO_TARGET}× logging off at c={c}, in server CPU per request"
+            rows.append(check(label, cpu_ratio >= LOGGING_RATIO_TARGET, figure))
     return rows + [check(label, met, figure) for label, met, figure in experience_writer.targets(writer)]
 
 
