@@ -55,6 +55,7 @@ from ray_support import (
     survivors,
     wait_until,
 )
+from recurrent_support import ENVIRONMENTS, api_key_header, import_recurrent, play_interleaved, train_recurrent
 from servers import free_port, running_server, serve_command, sigterm_under_keep_alive_load, uvicorn_command
 from test_batch_isolation import CLIENTS, REQUESTS_PER_CLIENT, error_id_of, poisoned_load, raising_policy_dir
 from test_metrics import sample_value
@@ -62,6 +63,7 @@ from test_metrics import sample_value
 from policy_server import loading
 from policy_server.errors import ConfigError, InputError
 from policy_server.executors.ray import DeploymentFailed, RayExecutor, app_builder
+from policy_server.experience.episodes import AgentRef
 from policy_server.loading import SCHEMA_FILE, ModelVersion, load_policy_spec, load_version
 from policy_server.observations import RowEncoder, observation_model
 from policy_server.policy import Decisions, Kind, Policy, Result, Task
@@ -879,3 +881,26 @@ def test_ray_logs_the_same_experience_as_local(local_ray: str, tmp_path: Path) -
         logs[backend] = [{k: v for k, v in row.items() if k not in ("time", "process")} for row in read_table(folder / "log", "steps")]
     assert len(logs["local"]) == 2 * len(observations)
     assert logs["ray"] == logs["local"]
+
+
+# Recurrent policies: the state travels with the rows, the replicas keep none, and the answers
+# are local's and RecurrentPPO's, step for step. Here, not in a module of its own: a second
+# ray.init in one process fails its token check (Ray reads its auth config once), so every
+# in-process Ray test shares this module's one Ray.
+RECURRENT_EPISODES = [AgentRef("r0"), AgentRef("r1"), AgentRef("pair", "x"), AgentRef("pair", "y")]
+RECURRENT_STEPS = 6
+
+
+@pytest.mark.parametrize("kind", ["discrete", "continuous"])
+def test_ray_answers_recurrent_episodes_as_local_and_recurrent_ppo(kind: str, local_ray: str, tmp_path: Path) -> None:
+    agent = train_recurrent(ENVIRONMENTS[kind])
+    folder = import_recurrent(agent, tmp_path / f"recurrent-{kind}")
+    answers = {}
+    for backend, settings in (("local", {}), ("ray", _ray_settings())):
+        with TestClient(build_app(settings_for(folder, **settings)), raise_server_exceptions=False) as client:
+            _wait_ready(client)
+            client.headers.update(api_key_header(folder))
+            answers[backend] = play_interleaved(client.post, agent, RECURRENT_EPISODES, RECURRENT_STEPS, restart={AgentRef("r1"): 3})
+            info = client.get("/info").json()
+            assert info["backend"] == backend and info["state_size"] == 32 and info["recurrent"]["episodes"] == len(RECURRENT_EPISODES)
+    assert answers["ray"] == answers["local"]
