@@ -6,7 +6,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -235,14 +235,16 @@ class Commands:
             os.environ["POLICY_SERVER_BACKEND"] = backend
         if workers > 1:
             os.environ["POLICY_SERVER_WORKERS"] = str(workers)  # the experience logs share their episodes
-        if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="policy-server-metrics-")
         raise_descriptor_limit()
         if workers > 1:
             _refuse_recurrent_policies(Settings.from_env())
         # Several workers with backend ray share one Ray and one application per policy (ray_workers.py).
         shared = workers > 1 and _serves_with_ray(Settings.from_env())
-        with shared_ray(Settings.from_env()) if shared else nullcontext():
+        with ExitStack() as stack:
+            if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # the workers' metric files, removed at the stop
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = stack.enter_context(tempfile.TemporaryDirectory(prefix="policy-server-metrics-"))
+            if shared:
+                stack.enter_context(shared_ray(Settings.from_env()))
             uvicorn.run(
                 "policy_server.server:app_from_environment",
                 factory=True,

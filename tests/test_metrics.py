@@ -105,6 +105,19 @@ def test_several_workers_are_summed(mouse_dir: Path, tmp_path: Path) -> None:
         assert sample_value(text, "policy_server_batch_size_sum") == 40
 
 
+def test_several_workers_metric_files_are_removed_at_the_stop(mouse_dir: Path, tmp_path: Path) -> None:
+    """Without PROMETHEUS_MULTIPROC_DIR, `--workers 2` makes the folder itself, and a SIGTERM leaves none behind."""
+    port = free_port()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    with running_server([*serve_command(mouse_dir, port), "--workers", "2"], port, cwd=mouse_dir, env={"TMPDIR": str(scratch)}) as server:
+        assert httpx.post(f"{server.url}/predict", json=MOUSE_OBSERVATION, headers=AUTH).status_code == 200
+        (made,) = scratch.glob("policy-server-metrics-*")
+        assert any(made.glob("*.db")), "the workers keep their metrics there"
+    assert server.returncode == 0
+    assert not list(scratch.glob("policy-server-metrics-*"))
+
+
 def test_deferred_observations_expose_what_direct_ones_do() -> None:
     """Applied in bulk, counts and histogram buckets (values on the bounds too) come out as the
     same values observed one by one would, including values appended from another thread."""
