@@ -1,6 +1,5 @@
 """Shared fixtures: policy folders made on the fly with small torch models of known behaviour."""
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -152,12 +151,10 @@ def mouse(serve: Callable[..., TestClient], mouse_dir: Path) -> TestClient:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _no_cache_in_the_home_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Settings read from the environment cache SDKs and model traces under XDG_CACHE_HOME."""
-    previous = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
-    yield
-    if previous is None:
-        del os.environ["XDG_CACHE_HOME"]
-    else:
-        os.environ["XDG_CACHE_HOME"] = previous
+def _caches_and_logs_in_the_sessions_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Settings read from the environment cache SDKs and model traces under XDG_CACHE_HOME, and
+    SB3's `learn` makes a log folder in /tmp for every model it trains unless SB3_LOGDIR names one."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        patch.setenv("SB3_LOGDIR", str(tmp_path_factory.mktemp("sb3-logs")))
+        yield

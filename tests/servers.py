@@ -3,7 +3,9 @@
 Every process started here is stopped in a `finally`; the network is 127.0.0.1 only.
 """
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 GENERATE = REPO / "generate.py"
 START_TIMEOUT_S = 90.0
 SERVER_CACHE = tempfile.mkdtemp(prefix="policy-server-test-cache-")
+atexit.register(shutil.rmtree, SERVER_CACHE, ignore_errors=True)
 STOP_TIMEOUT_S = 30.0
 
 
