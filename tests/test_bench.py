@@ -17,17 +17,21 @@ sys.path.insert(0, str(REPO / "bench"))
 import run  # bench/run.py: the workloads and the wrk command, as the harness builds them
 
 
-def run_harness(configs: str, out: Path, timeout_s: float, environment: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """`bench/run.py` for `configs`, a second per run, into `out`: its results.json rows."""
+def run_harness(
+    configs: str, out: Path, timeout_s: float, environment: dict[str, str] | None = None, rounds: int = 3
+) -> list[dict[str, Any]]:
+    """`bench/run.py` for `configs`, `rounds` runs of a second per figure, into `out`: its results.json rows."""
     command = [sys.executable, str(REPO / "bench" / "run.py"), "--duration", "1", "--configs", configs, "--no-sweep", "--out", str(out)]
+    command += ["--rounds", str(rounds)]
     subprocess.run(command, check=True, timeout=timeout_s, cwd=REPO, capture_output=True, env=os.environ | (environment or {}))
     return json.loads((out / "results.json").read_text())
 
 
 def test_harness_runs_end_to_end(tmp_path: Path) -> None:
-    """With logging on beside off: every request of `local-experience` logged (rows per request from its /info)."""
+    """With logging on beside off: every request of `local-experience` logged (rows per request from
+    its /info), and compared with `local` round by round."""
     configs = ("reference", "local", "local-experience")
-    runs = run_harness(",".join(configs), tmp_path, timeout_s=300)
+    runs = run_harness(",".join(configs), tmp_path, timeout_s=300, rounds=2)
     assert {(r["config"], r["workload"], r["concurrency"]) for r in runs} == {
         (config, "predict", c) for config in configs for c in (1, 32)
     } | {(config, "batch1024", 1) for config in configs}
@@ -39,6 +43,9 @@ def test_harness_runs_end_to_end(tmp_path: Path) -> None:
     # per request answered, a little over its rows: wrk does not count the answers in flight when it stops
     assert 1 <= logged["predict", 1] < 1.1 and 1 <= logged["predict", 32] < 1.1 and 1024 <= logged["batch1024", 1] < 1.1 * 1024
     assert all(r["logged_per_request"] is None for r in runs if r["config"] != "local-experience")
+    assert all(r["rounds"] == 2 for r in runs)
+    assert all((r["paired_ratio"] is not None) == (r["config"] == "local-experience") for r in runs)
+    assert all(0 < r["paired_ratio"] < 10 for r in runs if r["config"] == "local-experience")
     report = (tmp_path / "RESULTS.md").read_text()
     assert "| local | predict | 32 |" in report and "## Targets" in report
     assert "/predict logging on ≥ 0.9× logging off at c=32" in report and "## Experience logging" in report
