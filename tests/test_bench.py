@@ -18,7 +18,7 @@ import run  # bench/run.py: the workloads and the wrk command, as the harness bu
 
 
 def run_harness(
-    configs: str, out: Path, timeout_s: float, environment: dict[str, str] | None = None, rounds: int = 3
+    configs: str, out: Path, timeout_s: float, environment: dict[str, str] | None = None, rounds: int = run.ROUNDS
 ) -> list[dict[str, Any]]:
     """`bench/run.py` for `configs`, `rounds` runs of a second per figure, into `out`: its results.json rows."""
     command = [sys.executable, str(REPO / "bench" / "run.py"), "--duration", "1", "--configs", configs, "--no-sweep", "--out", str(out)]
